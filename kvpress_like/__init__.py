@@ -1,0 +1,48 @@
+"""kvpress_like — pluggable KV-cache compression for Hugging Face transformers.
+
+>>> from kvpress_like import build
+>>> pipeline = build("dapq", budget=256)
+"""
+
+from kvpress_like.budget import Budget
+from kvpress_like.cache import CompressedCache
+from kvpress_like.catalog import list_parts
+from kvpress_like.errors import (
+    ConfigError,
+    DuplicateRegistrationError,
+    KVPressLikeError,
+    UnknownNameError,
+    UnsupportedInputError,
+    UnsupportedModelError,
+)
+from kvpress_like.factory import build, build_from_spec
+from kvpress_like.hookspecs import hookimpl
+from kvpress_like.methods_spec import MethodSpec, PartChoice
+from kvpress_like.pipeline import Pipeline, PrefillResult
+from kvpress_like.plugins import register_plugin, unregister_plugin
+from kvpress_like.report import CompressionReport, LayerReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Budget",
+    "CompressedCache",
+    "CompressionReport",
+    "ConfigError",
+    "DuplicateRegistrationError",
+    "KVPressLikeError",
+    "LayerReport",
+    "MethodSpec",
+    "PartChoice",
+    "Pipeline",
+    "PrefillResult",
+    "UnknownNameError",
+    "UnsupportedInputError",
+    "UnsupportedModelError",
+    "build",
+    "build_from_spec",
+    "hookimpl",
+    "list_parts",
+    "register_plugin",
+    "unregister_plugin",
+]

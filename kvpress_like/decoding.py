@@ -1,0 +1,86 @@
+"""A small decode loop that continues from a compressed cache at the right positions."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kvpress_like.compat import model_inputs
+from kvpress_like.errors import ConfigError
+
+
+class GenerationOptions(BaseModel):
+    """Options of :meth:`Pipeline.generate` beyond the prompt: greedy unless ``do_sample``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    stop_at_eos: bool = True
+
+
+def parse_generation_options(options: dict) -> GenerationOptions:
+    try:
+        return GenerationOptions.model_validate(options)
+    except ValidationError as error:
+        valid = ", ".join(GenerationOptions.model_fields)
+        raise ConfigError(f"invalid generation options: {_first_errors(error)}; valid options: {valid}") from None
+
+
+def _first_errors(error: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in error.errors())
+
+
+def next_token(logits: torch.Tensor, options: GenerationOptions, generator: torch.Generator | None) -> torch.Tensor:
+    """Pick the next token ``[batch]`` from ``[batch, vocab]`` logits."""
+    if not options.do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / options.temperature
+    if options.top_k is not None:
+        kth = logits.topk(min(options.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if options.top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative - sorted_logits.softmax(dim=-1) >= options.top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def decode(
+    model,
+    cache,
+    first_logits: torch.Tensor,
+    start_position: int,
+    max_new_tokens: int,
+    options: GenerationOptions,
+    eos_token_ids: set[int],
+) -> list[int]:
+    """Generate up to ``max_new_tokens`` ids for one sequence; the first comes from ``first_logits``."""
+    generator = torch.Generator().manual_seed(options.seed) if options.seed is not None else None
+    tokens: list[int] = []
+    logits = first_logits
+    position = start_position
+    for _ in range(max_new_tokens):
+        token = next_token(logits, options, generator)
+        tokens.append(int(token[0]))
+        if options.stop_at_eos and tokens[-1] in eos_token_ids:
+            break
+        if len(tokens) == max_new_tokens:
+            break
+        out = model(
+            **model_inputs(
+                model,
+                cache,
+                input_ids=token.view(1, 1).to(model.device),
+                position_ids=torch.tensor([[position]], device=model.device),
+                logits_to_keep=1,
+            )
+        )
+        logits = out.logits[:, -1]
+        position += 1
+    return tokens

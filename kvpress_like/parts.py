@@ -1,0 +1,120 @@
+"""Contracts of the four kinds of parts a compression method is assembled from.
+
+A part is a small class with one job. It declares its ``name``, a one-line ``summary`` and a
+pydantic ``Config``; it is built as ``Part(config)``. Plugins register part classes through the
+hooks in :mod:`kvpress_like.hookspecs`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+
+class PartConfig(BaseModel):
+    """Base of every part's config: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Part:
+    """Common base: a name, a summary, a validated config."""
+
+    kind: ClassVar[str]
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    Config: ClassVar[type[PartConfig]] = PartConfig
+
+    def __init__(self, config: PartConfig | None = None):
+        self.config = config if config is not None else self.Config()
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.config.model_dump().items())
+        return f"{type(self).__name__}({fields})"
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """What a window builder asks the pipeline to run.
+
+    ``window_rows`` are the row indices, in the sequence ``prompt + appended``, of the queries that
+    judge the prompt's keys. ``appended_ids`` / ``appended_positions`` (``[batch, n]``) are extra tokens
+    fed after the prompt and dropped after scoring; ``None`` when the window lies inside the prompt.
+    """
+
+    prompt_length: int
+    window_rows: torch.Tensor
+    appended_ids: torch.Tensor | None = None
+    appended_positions: torch.Tensor | None = None
+
+    @property
+    def n_appended(self) -> int:
+        return 0 if self.appended_ids is None else self.appended_ids.shape[1]
+
+
+class WindowBuilder(Part):
+    """Decides which queries judge the importance of the prompt's keys."""
+
+    kind = "window"
+
+    def plan(self, input_ids: torch.Tensor, question_span: tuple[int, int] | None = None) -> WindowPlan:
+        raise NotImplementedError
+
+
+@dataclass
+class LayerContext:
+    """Everything a scorer may read for one attention layer.
+
+    Shapes: ``queries`` ``[batch, q_heads, window, head_dim]`` (post-RoPE, post-QK-norm),
+    ``keys``/``values`` ``[batch, kv_heads, T, head_dim]`` (all rows cached so far, post-RoPE),
+    ``query_rows`` ``[window]`` (row index of each query in the same ``T`` axis, for causal masking).
+    Only the first ``prompt_length`` key rows are candidates for keeping.
+    """
+
+    layer_idx: int
+    module: torch.nn.Module
+    queries: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    query_rows: torch.Tensor
+    prompt_length: int
+    scaling: float
+
+    @property
+    def num_kv_groups(self) -> int:
+        return self.queries.shape[1] // self.keys.shape[1]
+
+
+class Scorer(Part):
+    """Scores every prompt key: ``[batch, kv_heads, prompt_length]``, higher means keep."""
+
+    kind = "scorer"
+
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Allocator(Part):
+    """Splits the budget across layers."""
+
+    kind = "allocator"
+
+    def layer_budgets(self, num_layers: int, prompt_length: int, budget_tokens: int) -> list[int]:
+        raise NotImplementedError
+
+
+class Selector(Part):
+    """Turns scores and a per-layer budget into kept prompt indices ``[batch, kv_heads, k]``, sorted."""
+
+    kind = "selector"
+
+    def select(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+PART_BASES: dict[str, type[Part]] = {
+    base.kind: base for base in (WindowBuilder, Scorer, Allocator, Selector)
+}

@@ -1,0 +1,139 @@
+"""The plugin manager and the registry of parts and methods built from it.
+
+Built-in parts and methods are plugins like any other: the modules in ``BUILTIN_PLUGINS`` are
+registered first, then every entry point of the group ``kvpress_like`` is loaded. Third-party
+code may also call :func:`register_plugin` at run time.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from kvpress_like import hookspecs
+from kvpress_like.errors import DuplicateRegistrationError, UnknownNameError
+from kvpress_like.methods_spec import MethodSpec
+from kvpress_like.parts import PART_BASES, Part
+
+BUILTIN_PLUGINS = (
+    "kvpress_like.windows",
+    "kvpress_like.allocators",
+    "kvpress_like.selection",
+    "kvpress_like.scorers.attention",
+    "kvpress_like.methods.dapq",
+)
+
+_REGISTRATION_HOOKS = {
+    "window": "register_window_builders",
+    "scorer": "register_scorers",
+    "allocator": "register_allocators",
+    "selector": "register_selectors",
+}
+
+
+@dataclass
+class Registry:
+    """Name → class for each kind of part, name → spec for methods, and who registered each."""
+
+    parts: dict[str, dict[str, type[Part]]] = field(default_factory=lambda: {k: {} for k in PART_BASES})
+    methods: dict[str, MethodSpec] = field(default_factory=dict)
+    owners: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def add(self, kind: str, name: str, item: Any, plugin: str) -> None:
+        table = self.methods if kind == "method" else self.parts[kind]
+        if name in table:
+            raise DuplicateRegistrationError(
+                f"{kind} {name!r} is registered twice: by plugin {self.owners[(kind, name)]!r} "
+                f"and by plugin {plugin!r}; rename one of them or unregister a plugin"
+            )
+        table[name] = item
+        self.owners[(kind, name)] = plugin
+
+    def part_class(self, kind: str, name: str) -> type[Part]:
+        try:
+            return self.parts[kind][name]
+        except KeyError:
+            raise UnknownNameError(_KIND_LABEL[kind], name, list(self.parts[kind])) from None
+
+    def method(self, name: str) -> MethodSpec:
+        try:
+            return self.methods[name]
+        except KeyError:
+            raise UnknownNameError("method", name, list(self.methods)) from None
+
+
+_KIND_LABEL = {"window": "window builder", "scorer": "scorer", "allocator": "allocator", "selector": "selector"}
+
+_manager: pluggy.PluginManager | None = None
+_registry: Registry | None = None
+_extra_plugins: list[object] = []
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager: built-ins, entry points, then run-time registrations."""
+    global _manager
+    if _manager is None:
+        manager = pluggy.PluginManager(hookspecs.PROJECT)
+        manager.add_hookspecs(hookspecs)
+        for module_name in BUILTIN_PLUGINS:
+            manager.register(importlib.import_module(module_name), name=module_name)
+        manager.load_setuptools_entrypoints(hookspecs.PROJECT)
+        for plugin in _extra_plugins:
+            manager.register(plugin)
+        _manager = manager
+    return _manager
+
+
+def register_plugin(plugin: object, name: str | None = None) -> None:
+    """Register a plugin (a module or object with ``@hookimpl`` functions) for this process."""
+    global _registry
+    _extra_plugins.append(plugin)
+    if _manager is not None:
+        _manager.register(plugin, name=name)
+    _registry = None
+
+
+def unregister_plugin(plugin: object) -> None:
+    """Undo :func:`register_plugin`."""
+    global _registry
+    if plugin in _extra_plugins:
+        _extra_plugins.remove(plugin)
+    if _manager is not None and _manager.is_registered(plugin):
+        _manager.unregister(plugin)
+    _registry = None
+
+
+def get_registry() -> Registry:
+    """The registry built from every plugin's registration hooks (cached until plugins change)."""
+    global _registry
+    if _registry is None:
+        _registry = _build_registry(get_plugin_manager())
+    return _registry
+
+
+def _build_registry(manager: pluggy.PluginManager) -> Registry:
+    registry = Registry()
+    for kind, hook_name in _REGISTRATION_HOOKS.items():
+        for plugin_name, classes in _call_each(manager, hook_name):
+            for cls in classes:
+                _check_part_class(kind, cls, plugin_name)
+                registry.add(kind, cls.name, cls, plugin_name)
+    for plugin_name, specs in _call_each(manager, "register_methods"):
+        for spec in specs:
+            registry.add("method", spec.name, spec, plugin_name)
+    return registry
+
+
+def _call_each(manager: pluggy.PluginManager, hook_name: str):
+    """Call a hook implementation by implementation, so duplicates can name their plugin."""
+    for impl in reversed(getattr(manager.hook, hook_name).get_hookimpls()):
+        yield impl.plugin_name, impl.function() or []
+
+
+def _check_part_class(kind: str, cls: object, plugin_name: str) -> None:
+    base = PART_BASES[kind]
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise TypeError(f"plugin {plugin_name!r} registered {cls!r} as a {kind}, but it is not a {base.__name__}")

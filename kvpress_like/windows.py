@@ -1,0 +1,137 @@
+"""Window builders: which queries judge the importance of the prompt's keys.
+
+* ``suffix`` — the last ``size`` prompt tokens (SnapKV, Li et al. 2024).
+* ``pseudo`` — N synthetic tokens appended after the prompt at the positions the first decoded tokens
+  will occupy, L … L+N−1 (DapQ, Tian et al. 2026, arXiv 2603.11564, §4.1).
+* ``semantic`` — the same synthetic content at positions that do not mirror decoding (the paper's
+  "what vs where" ablation, §3.1 and §6.3).
+* ``question`` — the question's own tokens inside the prompt (query-aware scoring).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from kvpress_like.errors import UnsupportedInputError
+from kvpress_like.hookspecs import hookimpl
+from kvpress_like.parts import PartConfig, WindowBuilder, WindowPlan
+
+
+class SuffixConfig(PartConfig):
+    size: int = Field(32, ge=1, description="number of last prompt tokens whose queries score the keys")
+
+
+class SuffixWindow(WindowBuilder):
+    """The last ``size`` prompt tokens (all of the prompt when it is shorter than ``size``)."""
+
+    name = "suffix"
+    summary = "last `size` prompt tokens (SnapKV's observation window)"
+    Config = SuffixConfig
+
+    def plan(self, input_ids: torch.Tensor, question_span: tuple[int, int] | None = None) -> WindowPlan:
+        length = input_ids.shape[1]
+        start = max(0, length - self.config.size)
+        return WindowPlan(length, torch.arange(start, length, device=input_ids.device))
+
+
+class PseudoContentConfig(PartConfig):
+    n_pseudo: int = Field(32, ge=1, description="N, the number of pseudo tokens appended after the prompt")
+    content: Literal["prefix_suffix", "random"] = Field(
+        "prefix_suffix",
+        description="prefix_suffix: the first `prefix` and last N-`prefix` prompt ids (paper §5.1); "
+        "random: N prompt ids drawn uniformly with `seed`",
+    )
+    prefix: int = Field(4, ge=0, description="how many leading prompt ids open the pseudo content")
+    seed: int = Field(0, description="seed of the `random` content")
+
+    @model_validator(mode="after")
+    def _prefix_fits(self):
+        if self.prefix > self.n_pseudo:
+            raise ValueError(f"prefix ({self.prefix}) cannot exceed n_pseudo ({self.n_pseudo})")
+        return self
+
+
+def pseudo_content(input_ids: torch.Tensor, config: PseudoContentConfig) -> torch.Tensor:
+    """The ``[batch, N]`` token ids of the pseudo queries, taken from each row's own prompt.
+
+    Indices wrap around the prompt when it is shorter than the content asks for.
+    """
+    length = input_ids.shape[1]
+    n, m = config.n_pseudo, config.prefix
+    if config.content == "prefix_suffix":
+        index = torch.cat([torch.arange(m), torch.arange(length - (n - m), length)]) % length
+    else:
+        generator = torch.Generator().manual_seed(config.seed)
+        index = torch.randint(0, length, (n,), generator=generator)
+    return input_ids[:, index.to(input_ids.device)]
+
+
+class PseudoConfig(PseudoContentConfig):
+    position_offset: int = Field(
+        0, ge=0, description="shift of the pseudo positions past the prompt: L+offset … (0 = the paper)"
+    )
+
+
+class PseudoWindow(WindowBuilder):
+    """Position-aware pseudo queries at L+offset … L+offset+N−1 (DapQ §4.1; offset ablation §6.3)."""
+
+    name = "pseudo"
+    summary = "N pseudo tokens at the future decoding positions L … L+N-1 (DapQ)"
+    Config = PseudoConfig
+
+    def first_position(self, prompt_length: int) -> int:
+        return prompt_length + self.config.position_offset
+
+    def plan(self, input_ids: torch.Tensor, question_span: tuple[int, int] | None = None) -> WindowPlan:
+        batch, length = input_ids.shape
+        n = self.config.n_pseudo
+        start = self.first_position(length)
+        positions = torch.arange(start, start + n, device=input_ids.device).expand(batch, n)
+        rows = torch.arange(length, length + n, device=input_ids.device)
+        return WindowPlan(length, rows, pseudo_content(input_ids, self.config), positions)
+
+
+class SemanticConfig(PseudoContentConfig):
+    position_start: int = Field(
+        0, ge=0, description="first position id of the pseudo tokens (default 0 … N-1, not the decoding ones)"
+    )
+
+
+class SemanticWindow(PseudoWindow):
+    """DapQ's pseudo content with positions that do not mirror decoding (ablation of §3.1 / §6.3)."""
+
+    name = "semantic"
+    summary = "DapQ's pseudo content at positions position_start … (not the decoding positions)"
+    Config = SemanticConfig
+
+    def first_position(self, prompt_length: int) -> int:
+        return self.config.position_start
+
+
+class QuestionWindow(WindowBuilder):
+    """The question's tokens, which sit inside the prompt (needs the question's span)."""
+
+    name = "question"
+    summary = "the question's own tokens inside the prompt (needs question_span)"
+
+    def plan(self, input_ids: torch.Tensor, question_span: tuple[int, int] | None = None) -> WindowPlan:
+        length = input_ids.shape[1]
+        if question_span is None:
+            raise UnsupportedInputError(
+                "the 'question' window needs the question's token span: pass question_span=(start, end) "
+                "to Pipeline.prefill, or call Pipeline.generate with a question and question_aware=True"
+            )
+        start, end = question_span
+        if not (0 <= start < end <= length):
+            raise UnsupportedInputError(
+                f"question_span {question_span} must satisfy 0 <= start < end <= prompt length ({length})"
+            )
+        return WindowPlan(length, torch.arange(start, end, device=input_ids.device))
+
+
+@hookimpl
+def register_window_builders():
+    return [SuffixWindow, PseudoWindow, SemanticWindow, QuestionWindow]

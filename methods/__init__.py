@@ -1,0 +1,1 @@
+"""Built-in method plugins, one module per method (installed as ``kvpress_like.methods``)."""

@@ -1,0 +1,89 @@
+"""The ``attention`` scorer: softmax attention mass that the window's queries put on each prompt key.
+
+This is the score of SnapKV (Li et al. 2024, window = last prompt tokens, pooled) and of DapQ
+(Tian et al. 2026, arXiv 2603.11564, Eq. 4: sum over pseudo queries of post-RoPE softmax attention).
+Memory is O(window × T) per layer: no L × L matrix is ever built.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from kvpress_like.hookspecs import hookimpl
+from kvpress_like.parts import LayerContext, PartConfig, Scorer
+
+
+def window_attention(ctx: LayerContext, domain: Literal["visible", "prompt"] = "visible") -> torch.Tensor:
+    """Causal softmax attention of each window query, ``[batch, kv_heads, group, window, prompt_length]``.
+
+    ``domain="visible"`` normalises over every key the query sees in a normal forward (prompt and,
+    for appended queries, earlier appended rows); ``"prompt"`` normalises over prompt keys only.
+    """
+    batch, q_heads, window, head_dim = ctx.queries.shape
+    kv_heads, total = ctx.keys.shape[1], ctx.keys.shape[2]
+    group = q_heads // kv_heads
+    queries = ctx.queries.reshape(batch, kv_heads, group * window, head_dim).float()
+    logits = queries @ ctx.keys.float().transpose(-1, -2) * ctx.scaling
+    key_rows = torch.arange(total, device=logits.device)
+    visible = key_rows[None, :] <= ctx.query_rows.to(logits.device)[:, None]
+    if domain == "prompt":
+        visible &= key_rows[None, :] < ctx.prompt_length
+    logits = logits.masked_fill(~visible.repeat(group, 1), float("-inf"))
+    probs = logits.softmax(dim=-1)[..., : ctx.prompt_length]
+    return probs.reshape(batch, kv_heads, group, window, ctx.prompt_length)
+
+
+def pool_scores(scores: torch.Tensor, pooling: str, kernel: int) -> torch.Tensor:
+    """1-D pooling along the key axis (stride 1, zero padding counted, length preserved)."""
+    if pooling == "none" or kernel == 1:
+        return scores
+    shape = scores.shape
+    flat = scores.reshape(-1, 1, shape[-1])
+    if pooling == "avg":
+        pooled = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=True)
+    else:
+        pooled = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+    return pooled.reshape(shape)
+
+
+def reduce_group(scores: torch.Tensor, how: str) -> torch.Tensor:
+    """Reduce ``[batch, kv_heads, group, L]`` over the query heads of each KV group."""
+    return scores.mean(dim=2) if how == "mean" else scores.amax(dim=2)
+
+
+class AttentionConfig(PartConfig):
+    aggregation: Literal["sum", "mean"] = Field("sum", description="how the window's queries are combined")
+    gqa: Literal["mean", "max"] = Field("mean", description="reduction over the query heads of a KV group")
+    pooling: Literal["none", "avg", "max"] = Field("none", description="1-D pooling of scores along the keys")
+    kernel: int = Field(7, ge=1, description="pooling kernel size (odd)")
+    softmax_domain: Literal["visible", "prompt"] = Field(
+        "visible", description="visible: every key the query sees; prompt: prompt keys only"
+    )
+
+    @model_validator(mode="after")
+    def _odd_kernel(self):
+        if self.kernel % 2 == 0:
+            raise ValueError(f"kernel must be odd so pooling keeps positions aligned, got {self.kernel}")
+        return self
+
+
+class AttentionScorer(Scorer):
+    """Sum (or mean) over window queries of causal softmax attention, GQA-reduced, optionally pooled."""
+
+    name = "attention"
+    summary = "softmax attention mass of the window's queries on each prompt key"
+    Config = AttentionConfig
+
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        probs = window_attention(ctx, self.config.softmax_domain)
+        per_head = probs.sum(dim=3) if self.config.aggregation == "sum" else probs.mean(dim=3)
+        return pool_scores(reduce_group(per_head, self.config.gqa), self.config.pooling, self.config.kernel)
+
+
+@hookimpl
+def register_scorers():
+    return [AttentionScorer]
