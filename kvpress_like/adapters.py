@@ -29,7 +29,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``[batch, heads, seq, head_dim]`` by ``cos``/``sin`` ``[batch, seq, rot_dim]`` (partial if rot_dim < head_dim)."""
+    """Rotate ``[batch, heads, seq, head_dim]`` by ``cos``/``sin`` ``[batch, seq, rot_dim]``.
+
+    Only the first ``rot_dim`` channels rotate (partial rotary, as in Phi3).
+    """
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     rot_dim = cos.shape[-1]
     rotated, passed = x[..., :rot_dim], x[..., rot_dim:]

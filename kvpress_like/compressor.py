@@ -17,8 +17,8 @@ import torch
 from kvpress_like.adapters import window_queries
 from kvpress_like.cache import CompressedCache
 from kvpress_like.compat import cache_from_hook_kwargs
-from kvpress_like.plugins import get_plugin_manager
 from kvpress_like.parts import LayerContext, Scorer, Selector, WindowPlan
+from kvpress_like.plugins import get_plugin_manager
 from kvpress_like.report import CompressionReport, LayerReport
 
 

@@ -76,13 +76,12 @@ class Pipeline:
         compressed_layers = [i for i, layer in enumerate(cache.layers) if not getattr(layer, "is_sliding", False)]
         budget = self.budget.resolve(plan.prompt_length)
         layer_budgets = self.allocator.layer_budgets(len(compressed_layers), plan.prompt_length, budget)
+        budgets = dict(zip(compressed_layers, layer_budgets, strict=True))
         report = CompressionReport(
             self.method, plan.prompt_length, budget,
             uncompressed_layers=[i for i in range(len(cache.layers)) if i not in compressed_layers],
         )
-        compressor = LayerCompressor(
-            plan, cache, self.scorer, self.selector, dict(zip(compressed_layers, layer_budgets)), report, self
-        )
+        compressor = LayerCompressor(plan, cache, self.scorer, self.selector, budgets, report, self)
         started = time.perf_counter()
         with compressor.attached(adapter.attention_modules()):
             compressor.active = plan.n_appended == 0

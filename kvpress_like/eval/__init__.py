@@ -1,0 +1,1 @@
+"""Evaluation: generated tasks, protocols, metrics, ablations and benchmarks on real models."""
