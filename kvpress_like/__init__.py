@@ -18,8 +18,9 @@ from kvpress_like.errors import (
 from kvpress_like.factory import build, build_from_spec
 from kvpress_like.hookspecs import hookimpl
 from kvpress_like.methods_spec import MethodSpec, PartChoice
-from kvpress_like.pipeline import Pipeline, PrefillResult
+from kvpress_like.pipeline import Pipeline
 from kvpress_like.plugins import register_plugin, unregister_plugin
+from kvpress_like.prefill import PrefillResult, prefill_many
 from kvpress_like.report import CompressionReport, LayerReport
 
 __version__ = "0.1.0"
@@ -43,6 +44,7 @@ __all__ = [
     "build_from_spec",
     "hookimpl",
     "list_parts",
+    "prefill_many",
     "register_plugin",
     "unregister_plugin",
 ]

@@ -70,6 +70,15 @@ class ModelAdapter:
     def attention_modules(self) -> list[torch.nn.Module]:
         return [layer.self_attn for layer in self.decoder.layers]
 
+    def rope_at(self, module: torch.nn.Module, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` ``[1, n, rot_dim]`` of ``module``'s rotary embedding at ``positions``."""
+        rotary = self.decoder.rotary_emb
+        probe = torch.zeros(1, dtype=module.o_proj.weight.dtype, device=positions.device)
+        layer_type = getattr(module, "layer_type", None)
+        if layer_type is not None:  # Gemma3: one rotary embedding per layer type
+            return rotary(probe, positions[None], layer_type)
+        return rotary(probe, positions[None])
+
 
 def get_adapter(model: torch.nn.Module) -> ModelAdapter:
     """The adapter for ``model``, or :class:`UnsupportedModelError` naming what is supported."""

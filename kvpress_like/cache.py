@@ -32,6 +32,7 @@ class CompressedCache(DynamicCache):
         """Hold ``keys``/``values`` for a layer that has seen ``seen`` tokens."""
         layer = self.layers[layer_idx]
         layer.keys, layer.values = keys, values
+        layer.is_initialized, layer.device = True, keys.device
         self.evicted[layer_idx] = seen - keys.shape[-2]
 
     def nbytes(self) -> int:

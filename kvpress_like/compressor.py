@@ -1,14 +1,16 @@
-"""Compression of one prefill: forward hooks on the attention layers that score, select and prune.
+"""Compression of one layer at a time: a forward hook that scores, selects and prunes.
 
 One mechanism only: a ``register_forward_hook(with_kwargs=True)`` on each attention module. After the
-module has written its keys and values to the cache, the hook recomputes the window's post-RoPE
-queries, scores the prompt keys, selects the kept set and replaces the layer's cache entries with it.
-Hooks are removed when the forward returns or raises.
+module has written its keys and values to the cache it was called with (the *source*), the hook
+recomputes the window's post-RoPE queries, scores the prompt keys, selects the kept set and writes the
+kept rows into the *target* cache (the source itself, or another cache when several methods share one
+prompt forward). Hooks are removed when the forward returns or raises.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -24,17 +26,18 @@ from kvpress_like.report import CompressionReport, LayerReport
 
 @dataclass
 class LayerCompressor:
-    """Scores and prunes the cache of every layer listed in ``budgets`` during one forward."""
+    """Scores and prunes every layer listed in ``budgets`` while ``source`` is being filled."""
 
     plan: WindowPlan
-    cache: CompressedCache
+    source: CompressedCache
+    target: CompressedCache
     scorer: Scorer
     selector: Selector
     budgets: dict[int, int]
     report: CompressionReport
     pipeline: object
+    rope_at: Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     row_offset: int = 0
-    active: bool = False
 
     @contextmanager
     def attached(self, modules: list[torch.nn.Module]):
@@ -47,9 +50,9 @@ class LayerCompressor:
 
     def _hook(self, module, args, kwargs, output) -> None:
         layer_idx = module.layer_idx
-        if not self.active or layer_idx not in self.budgets:
+        if layer_idx not in self.budgets:
             return
-        if cache_from_hook_kwargs(kwargs) is not self.cache:
+        if cache_from_hook_kwargs(kwargs) is not self.source:
             raise RuntimeError("the attention layer was called with a cache other than the pipeline's")
         started = time.perf_counter()
         kept = self._compress(module, layer_idx, kwargs)
@@ -58,13 +61,16 @@ class LayerCompressor:
         get_plugin_manager().hook.layer_compressed(layer_report=layer_report, pipeline=self.pipeline)
 
     def _compress(self, module, layer_idx: int, kwargs) -> torch.Tensor:
-        length = self.plan.prompt_length
+        length, budget = self.plan.prompt_length, self.budgets[layer_idx]
+        layer = self.source.layers[layer_idx]
+        keys, values = layer.keys[:, :, :length], layer.values[:, :, :length]
+        if budget >= length:  # nothing to evict: every prompt row stays, in order
+            kept = torch.arange(length, device=keys.device).expand(keys.shape[0], keys.shape[1], length)
+            self.target.replace_layer(layer_idx, keys, values, seen=length)
+            return kept
         local_rows = (self.plan.window_rows - self.row_offset).to(kwargs["hidden_states"].device)
         cos, sin = kwargs["position_embeddings"]
-        queries = window_queries(
-            module, kwargs["hidden_states"][:, local_rows], cos[:, local_rows], sin[:, local_rows]
-        )
-        layer = self.cache.layers[layer_idx]
+        queries = window_queries(module, kwargs["hidden_states"][:, local_rows], cos[:, local_rows], sin[:, local_rows])
         ctx = LayerContext(
             layer_idx=layer_idx,
             module=module,
@@ -74,21 +80,23 @@ class LayerCompressor:
             query_rows=self.plan.window_rows,
             prompt_length=length,
             scaling=module.scaling,
+            budget=budget,
+            hidden_states=kwargs["hidden_states"],
+            rope_at=lambda positions: self.rope_at(module, positions),
         )
         scores = self.scorer.score(ctx)
-        kept = self.selector.select(scores, self.budgets[layer_idx])
-        _check_kept(kept, scores.shape, self.budgets[layer_idx], type(self.selector).__name__)
-        index = kept.unsqueeze(-1).expand(-1, -1, -1, layer.keys.shape[-1])
-        keys = layer.keys[:, :, :length].gather(2, index)
-        values = layer.values[:, :, :length].gather(2, index)
-        self.cache.replace_layer(layer_idx, keys, values, seen=length)
+        kept = self.selector.select(scores, budget)
+        _check_kept(kept, scores.shape, budget, type(self.selector).__name__)
+        index = kept.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
+        self.target.replace_layer(layer_idx, keys.gather(2, index), values.gather(2, index), seen=length)
         return kept
 
 
 def _check_kept(kept: torch.Tensor, score_shape: torch.Size, budget: int, selector: str) -> None:
     batch, heads, length = score_shape
     if kept.shape != (batch, heads, budget):
-        raise RuntimeError(f"{selector} returned kept indices of shape {tuple(kept.shape)}, "
-                           f"expected {(batch, heads, budget)}")
-    if budget and (kept.min() < 0 or kept.max() >= length):
+        raise RuntimeError(
+            f"{selector} returned kept indices of shape {tuple(kept.shape)}, expected {(batch, heads, budget)}"
+        )
+    if kept.min() < 0 or kept.max() >= length:
         raise RuntimeError(f"{selector} returned indices outside [0, {length})")

@@ -7,6 +7,7 @@ hooks in :mod:`kvpress_like.hookspecs`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -71,7 +72,10 @@ class LayerContext:
     Shapes: ``queries`` ``[batch, q_heads, window, head_dim]`` (post-RoPE, post-QK-norm),
     ``keys``/``values`` ``[batch, kv_heads, T, head_dim]`` (all rows cached so far, post-RoPE),
     ``query_rows`` ``[window]`` (row index of each query in the same ``T`` axis, for causal masking).
-    Only the first ``prompt_length`` key rows are candidates for keeping.
+    Only the first ``prompt_length`` key rows are candidates for keeping. ``hidden_states`` are the
+    attention input of the rows of the current forward; ``rope_at(positions)`` gives the layer's
+    ``(cos, sin)`` ``[1, n, rot_dim]`` at any positions (for scorers that look ahead, e.g. Expected
+    Attention); ``budget`` is the number of tokens this layer keeps.
     """
 
     layer_idx: int
@@ -82,6 +86,9 @@ class LayerContext:
     query_rows: torch.Tensor
     prompt_length: int
     scaling: float
+    budget: int
+    hidden_states: torch.Tensor
+    rope_at: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
     @property
     def num_kv_groups(self) -> int:

@@ -61,3 +61,83 @@ def llama():
 @pytest.fixture(scope="session", params=sorted(ARCHITECTURES))
 def any_model(request):
     return make_model(request.param)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers shared by the test modules (import them with ``from conftest import ...``).
+# ---------------------------------------------------------------------------------------------
+
+# (num_attention_heads, num_key_value_heads): MHA, GQA with groups of 2 and 4, MQA.
+GQA_SHAPES = [(4, 4), (4, 2), (4, 1), (8, 2), (8, 1), (2, 1)]
+
+_MODEL_CACHE: dict[tuple, torch.nn.Module] = {}
+
+
+def tiny_model(arch: str = "llama", attn_implementation: str = "sdpa", seed: int = 0, **overrides):
+    """``make_model`` memoised per arguments (models are read-only in the tests), with generation's
+    early stop disabled (``eos_token_id = None``) so generated lengths are deterministic."""
+    key = (arch, attn_implementation, seed, tuple(sorted(overrides.items())))
+    if key not in _MODEL_CACHE:
+        model = make_model(arch, attn_implementation=attn_implementation, seed=seed, **overrides)
+        model.generation_config.eos_token_id = None
+        model.generation_config.pad_token_id = 0
+        _MODEL_CACHE[key] = model
+    return _MODEL_CACHE[key]
+
+
+def gqa_overrides(arch: str, heads: int, kv_heads: int) -> dict:
+    """Config overrides giving ``heads`` query heads and ``kv_heads`` KV heads (same hidden size)."""
+    return {"num_attention_heads": heads, "num_key_value_heads": kv_heads}
+
+
+def random_ids(length: int, batch: int = 1, seed: int = 0, vocab: int = 256) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=generator)
+
+
+def attention_modules(model) -> list[torch.nn.Module]:
+    return [layer.self_attn for layer in model.model.layers]
+
+
+def full_attention_layers(model) -> list[int]:
+    """Indices of the layers a pipeline compresses (all but sliding-window layers)."""
+    layer_types = getattr(model.config, "layer_types", None)
+    n = model.config.num_hidden_layers
+    if not layer_types:
+        return list(range(n))
+    return [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
+
+
+@torch.no_grad()
+def full_prefill(model, input_ids: torch.Tensor):
+    """Uncompressed prefill: ``(DynamicCache, logits [batch, L, vocab])``."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=input_ids, cache=cache, use_cache=True)
+    return cache, out.logits
+
+
+def assert_topk_matches(kept: torch.Tensor, scores: torch.Tensor, rtol: float = 1e-5, max_ties: int = 3) -> None:
+    """``kept`` ``[B, H, k]`` is the sorted top-k of reference ``scores`` ``[B, H, L]``.
+
+    Two float32 implementations of the same scores differ by ~1e-7 relative, so tokens whose
+    reference score lies within ``rtol * max|score|`` of the k-th largest score may go either way;
+    every other token must be decided exactly as the reference decides it. At most ``max_ties``
+    tokens per head may sit in that band, so a wrong implementation cannot hide behind the tolerance.
+    """
+    batch, heads, k = kept.shape
+    assert scores.shape[:2] == (batch, heads)
+    assert torch.equal(kept, kept.sort(dim=-1).values), "kept indices are not sorted"
+    for b in range(batch):
+        for h in range(heads):
+            s = scores[b, h].double()
+            tol = rtol * max(float(s.abs().max()), 1e-3)
+            threshold = s.topk(k).values[-1]
+            must = set(torch.nonzero(s > threshold + tol).flatten().tolist())
+            allowed = set(torch.nonzero(s >= threshold - tol).flatten().tolist())
+            chosen = set(kept[b, h].tolist())
+            assert len(chosen) == k, f"duplicate indices in batch {b} head {h}"
+            assert len(allowed - must) <= max_ties, "too many near-ties at the cut-off to compare reliably"
+            assert must <= chosen, f"batch {b} head {h}: missed {sorted(must - chosen)}"
+            assert chosen <= allowed, f"batch {b} head {h}: wrongly kept {sorted(chosen - allowed)}"
