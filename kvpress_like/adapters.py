@@ -39,10 +39,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([rotated * cos + _rotate_half(rotated) * sin, passed], dim=-1)
 
 
-def window_queries(
-    module: torch.nn.Module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> torch.Tensor:
-    """Post-RoPE queries ``[batch, q_heads, rows, head_dim]`` of the attention ``module`` for these rows."""
+def project_queries(module: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Pre-RoPE queries ``[batch, q_heads, rows, head_dim]`` (after QK-norm where the model has one)."""
     batch, rows, _ = hidden_states.shape
     head_dim = module.head_dim
     q_heads = module.config.num_attention_heads
@@ -53,7 +51,14 @@ def window_queries(
     queries = queries.view(batch, rows, q_heads, head_dim)
     if getattr(module, "q_norm", None) is not None:
         queries = module.q_norm(queries)
-    return apply_rope(queries.transpose(1, 2), cos, sin)
+    return queries.transpose(1, 2)
+
+
+def window_queries(
+    module: torch.nn.Module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """Post-RoPE queries ``[batch, q_heads, rows, head_dim]`` of the attention ``module`` for these rows."""
+    return apply_rope(project_queries(module, hidden_states), cos, sin)
 
 
 @dataclass
@@ -74,9 +79,8 @@ class ModelAdapter:
         """``(cos, sin)`` ``[1, n, rot_dim]`` of ``module``'s rotary embedding at ``positions``."""
         rotary = self.decoder.rotary_emb
         probe = torch.zeros(1, dtype=module.o_proj.weight.dtype, device=positions.device)
-        layer_type = getattr(module, "layer_type", None)
-        if layer_type is not None:  # Gemma3: one rotary embedding per layer type
-            return rotary(probe, positions[None], layer_type)
+        if isinstance(getattr(rotary, "rope_type", None), dict):  # Gemma3: one rotary embedding per layer type
+            return rotary(probe, positions[None], module.layer_type)
         return rotary(probe, positions[None])
 
 

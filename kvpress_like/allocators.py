@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
+from pydantic import Field
+
 from kvpress_like.hookspecs import hookimpl
-from kvpress_like.parts import Allocator
+from kvpress_like.parts import Allocator, PartConfig
 
 
 class UniformAllocator(Allocator):
@@ -16,6 +20,67 @@ class UniformAllocator(Allocator):
         return [min(budget_tokens, prompt_length)] * num_layers
 
 
+class FullAllocator(Allocator):
+    """Every layer keeps the whole prompt: no compression (the reference every evaluation compares to)."""
+
+    name = "full"
+    summary = "keep every prompt token (no compression; the budget is not used)"
+    uses_budget = False
+
+    def layer_budgets(self, num_layers: int, prompt_length: int, budget_tokens: int) -> list[int]:
+        return [prompt_length] * num_layers
+
+
+class PyramidConfig(PartConfig):
+    beta: float = Field(20.0, gt=1, description="ratio of the largest to the smallest free budget (PyramidKV β)")
+    reserved: int = Field(0, ge=0, description="tokens every layer keeps on top of its pyramid share (the window)")
+
+
+class PyramidAllocator(Allocator):
+    """PyramidKV (Cai et al. 2024): budgets fall linearly from the lowest to the highest layer.
+
+    With ``B`` the uniform budget and ``r`` the reserved tokens, the free share of layer ``i`` goes
+    linearly from ``2(B−r) − (B−r)/β`` down to ``(B−r)/β``, so the layers hold ``num_layers × B``
+    tokens in all. Shares are rounded with the largest-remainder rule (the total stays exact) and
+    capped at the prompt length, the excess going to the layers below the cap.
+    """
+
+    name = "pyramid"
+    summary = "linearly decreasing per-layer budgets, same total as uniform (PyramidKV)"
+    Config = PyramidConfig
+
+    def layer_budgets(self, num_layers: int, prompt_length: int, budget_tokens: int) -> list[int]:
+        reserved = min(self.config.reserved, budget_tokens)
+        free = budget_tokens - reserved
+        if num_layers == 1 or free == 0:
+            return [min(budget_tokens, prompt_length)] * num_layers
+        low = free / self.config.beta
+        high = 2 * free - low
+        shares = [reserved + high - (high - low) * i / (num_layers - 1) for i in range(num_layers)]
+        return _cap(_round_exact(shares, num_layers * budget_tokens), prompt_length)
+
+
+def _round_exact(values: list[float], total: int) -> list[int]:
+    floors = [math.floor(v) for v in values]
+    order = sorted(range(len(values)), key=lambda i: values[i] - floors[i], reverse=True)
+    for i in order[: total - sum(floors)]:
+        floors[i] += 1
+    return floors
+
+
+def _cap(budgets: list[int], limit: int) -> list[int]:
+    """Cap at ``limit``, handing the excess to uncapped layers (largest first) while they have room."""
+    budgets = list(budgets)
+    excess = sum(max(0, b - limit) for b in budgets)
+    budgets = [min(b, limit) for b in budgets]
+    for i in sorted(range(len(budgets)), key=lambda i: -budgets[i]):
+        room = limit - budgets[i]
+        given = min(room, excess)
+        budgets[i] += given
+        excess -= given
+    return budgets
+
+
 @hookimpl
 def register_allocators():
-    return [UniformAllocator]
+    return [UniformAllocator, FullAllocator, PyramidAllocator]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from kvpress_like.errors import UnsupportedInputError
+
 
 class CompressedCache(DynamicCache):
     """DynamicCache with per-layer eviction bookkeeping (logical = physical + evicted)."""
@@ -27,6 +29,33 @@ class CompressedCache(DynamicCache):
 
     def physical_length(self, layer_idx: int) -> int:
         return super().get_seq_length(layer_idx)
+
+    def full_attention_lengths(self) -> list[int]:
+        """Physical lengths of the layers that are not sliding-window layers."""
+        return [
+            self.physical_length(i) for i, layer in enumerate(self.layers) if not getattr(layer, "is_sliding", False)
+        ]
+
+    @property
+    def uneven(self) -> bool:
+        """True when full-attention layers hold different numbers of rows (per-layer budgets)."""
+        return len(set(self.full_attention_lengths())) > 1
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        """One mask serves every layer: with uneven layers it is sized for the longest one.
+
+        A one-token step needs no causal pattern, so every layer reads a slice of an all-visible mask.
+        Several tokens at once would need a different causal offset per layer: refused, never wrong.
+        """
+        if not self.uneven or getattr(self.layers[layer_idx], "is_sliding", False):
+            return super().get_mask_sizes(query_length, layer_idx)
+        if query_length > 1:
+            raise UnsupportedInputError(
+                "this compressed cache holds a different number of tokens per layer (per-layer budgets), "
+                "so several new tokens cannot share one causal mask; feed them one token at a time "
+                "(kvpress_like.prefill.feed does this)"
+            )
+        return max(self.full_attention_lengths()) + query_length, 0
 
     def replace_layer(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, seen: int) -> None:
         """Hold ``keys``/``values`` for a layer that has seen ``seen`` tokens."""

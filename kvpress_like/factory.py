@@ -74,13 +74,18 @@ def _merge(kind: str, current: PartChoice | None, override: Any) -> PartChoice:
 
 
 def _assemble(method: str, budget: Any, choices: dict[str, PartChoice]) -> Pipeline:
+    parts = [_instantiate(kind, choices[kind]) for kind in PART_KINDS]
+    allocator = parts[PART_KINDS.index("allocator")]
+    if not allocator.uses_budget:
+        if budget is not None:
+            raise ConfigError(f"{method!r} keeps every token (allocator {allocator.name!r}); do not pass a budget")
+        budget = 1.0
     if budget is None:
         raise ConfigError("a budget is required: an int of tokens (256), a ratio (0.03) or a percent ('3%')")
     try:
         resolved_budget = Budget.model_validate(budget)
     except ValidationError as error:
         raise ConfigError(f"invalid budget {budget!r}: {_messages(error)}") from None
-    parts = [_instantiate(kind, choices[kind]) for kind in PART_KINDS]
     return Pipeline(method, resolved_budget, *parts)
 
 

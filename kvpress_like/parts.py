@@ -105,9 +105,10 @@ class Scorer(Part):
 
 
 class Allocator(Part):
-    """Splits the budget across layers."""
+    """Splits the budget across layers. ``uses_budget = False`` marks allocators that ignore it."""
 
     kind = "allocator"
+    uses_budget: ClassVar[bool] = True
 
     def layer_budgets(self, num_layers: int, prompt_length: int, budget_tokens: int) -> list[int]:
         raise NotImplementedError

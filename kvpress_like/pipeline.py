@@ -9,7 +9,7 @@ import torch
 from kvpress_like.budget import Budget
 from kvpress_like.decoding import decode, parse_generation_options
 from kvpress_like.parts import Allocator, Scorer, Selector, WindowBuilder
-from kvpress_like.prefill import PrefillResult, forward, prefill_many
+from kvpress_like.prefill import PrefillResult, feed, prefill_many
 from kvpress_like.prompting import build_prompt
 
 
@@ -80,8 +80,7 @@ class Pipeline:
             logits = result.next_token_logits
         else:
             result = self.prefill(model, ids[:, : prompt.context_length])
-            rest = torch.arange(prompt.context_length, ids.shape[1], device=model.device)
-            logits = forward(model, result.cache, ids[:, prompt.context_length :].to(model.device), rest)
+            logits = feed(model, result.cache, ids[:, prompt.context_length :].to(model.device), prompt.context_length)
         tokens = decode(model, result.cache, logits, ids.shape[1], max_new_tokens, options, eos_ids(model, tokenizer))
         return tokenizer.decode(tokens, skip_special_tokens=True)
 

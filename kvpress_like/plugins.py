@@ -23,7 +23,22 @@ BUILTIN_PLUGINS = (
     "kvpress_like.allocators",
     "kvpress_like.selection",
     "kvpress_like.scorers.attention",
+    "kvpress_like.scorers.accumulated",
+    "kvpress_like.scorers.critical",
+    "kvpress_like.scorers.expected_attention",
+    "kvpress_like.scorers.simple",
+    "kvpress_like.methods.full",
     "kvpress_like.methods.dapq",
+    "kvpress_like.methods.dapq_pyramid",
+    "kvpress_like.methods.snapkv",
+    "kvpress_like.methods.pyramidkv",
+    "kvpress_like.methods.h2o",
+    "kvpress_like.methods.tova",
+    "kvpress_like.methods.knorm",
+    "kvpress_like.methods.random",
+    "kvpress_like.methods.streaming_llm",
+    "kvpress_like.methods.expected_attention",
+    "kvpress_like.methods.critical",
 )
 
 _REGISTRATION_HOOKS = {

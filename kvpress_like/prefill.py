@@ -20,7 +20,7 @@ from kvpress_like.adapters import ModelAdapter, get_adapter
 from kvpress_like.cache import CompressedCache
 from kvpress_like.compat import model_inputs
 from kvpress_like.compressor import LayerCompressor
-from kvpress_like.errors import UnsupportedInputError
+from kvpress_like.errors import UnsupportedInputError, UnsupportedModelError
 from kvpress_like.plugins import get_plugin_manager
 from kvpress_like.report import CompressionReport
 
@@ -50,6 +50,7 @@ def prefill_many(
     shared = CompressedCache(model.config)
     compressible = [i for i, layer in enumerate(shared.layers) if not getattr(layer, "is_sliding", False)]
     jobs = [_make_compressor(p, model, adapter, input_ids, question_span, shared, compressible) for p in pipelines]
+    _check_backend(model, jobs)
     in_prompt = [job for job in jobs if job.plan.n_appended == 0]
 
     started = time.perf_counter()
@@ -100,6 +101,18 @@ def _make_compressor(pipeline, model, adapter: ModelAdapter, input_ids, question
     )
 
 
+def _check_backend(model, jobs: list[LayerCompressor]) -> None:
+    """Per-layer budgets leave layers of different lengths; eager attention cannot mask them with one mask."""
+    backend = getattr(model.config, "_attn_implementation", None)
+    for job in jobs:
+        lengths = {min(budget, job.plan.prompt_length) for budget in job.budgets.values()}
+        if len(lengths) > 1 and backend == "eager":
+            raise UnsupportedModelError(
+                f"{job.pipeline.method!r} gives layers different budgets, which the eager attention backend "
+                "cannot mask (it builds one mask for all layers); load the model with attn_implementation='sdpa'"
+            )
+
+
 def shallow_copy(cache: CompressedCache) -> CompressedCache:
     """A cache sharing the tensors of ``cache``; updates to either never affect the other."""
     twin = copy.copy(cache)
@@ -112,6 +125,20 @@ def forward(model, cache, input_ids: torch.Tensor, positions: torch.Tensor) -> t
     """Run ``input_ids`` at ``positions`` into ``cache``; return the last row's logits."""
     out = model(**model_inputs(model, cache, input_ids=input_ids, position_ids=positions[None], logits_to_keep=1))
     return out.logits[:, -1]
+
+
+def feed(model, cache: CompressedCache, input_ids: torch.Tensor, start_position: int) -> torch.Tensor:
+    """Append ``input_ids`` to a compressed cache at positions ``start_position, …``; return the last logits.
+
+    Caches with per-layer lengths take the tokens one at a time (see ``CompressedCache.get_mask_sizes``).
+    """
+    length = input_ids.shape[1]
+    positions = torch.arange(start_position, start_position + length, device=model.device)
+    if not cache.uneven:
+        return forward(model, cache, input_ids, positions)
+    for i in range(length):
+        logits = forward(model, cache, input_ids[:, i : i + 1], positions[i : i + 1])
+    return logits
 
 
 def check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:

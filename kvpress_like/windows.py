@@ -6,6 +6,8 @@
 * ``semantic`` — the same synthetic content at positions that do not mirror decoding (the paper's
   "what vs where" ablation, §3.1 and §6.3).
 * ``question`` — the question's own tokens inside the prompt (query-aware scoring).
+* ``prompt`` — every prompt token (accumulated attention, H2O; query statistics, Expected Attention).
+* ``none`` — no queries, for scorers that read only keys/values or positions (StreamingLLM, K-norm).
 """
 
 from __future__ import annotations
@@ -132,6 +134,26 @@ class QuestionWindow(WindowBuilder):
         return WindowPlan(length, torch.arange(start, end, device=input_ids.device))
 
 
+class PromptWindow(WindowBuilder):
+    """Every prompt token is a query (H2O's accumulated attention, Expected Attention's statistics)."""
+
+    name = "prompt"
+    summary = "every prompt token (H2O, Expected Attention)"
+
+    def plan(self, input_ids: torch.Tensor, question_span: tuple[int, int] | None = None) -> WindowPlan:
+        return WindowPlan(input_ids.shape[1], torch.arange(input_ids.shape[1], device=input_ids.device))
+
+
+class NoWindow(WindowBuilder):
+    """No queries: the scorer reads keys, values or positions only."""
+
+    name = "none"
+    summary = "no queries (scorers that need none: StreamingLLM, K-norm, random)"
+
+    def plan(self, input_ids: torch.Tensor, question_span: tuple[int, int] | None = None) -> WindowPlan:
+        return WindowPlan(input_ids.shape[1], torch.zeros(0, dtype=torch.long, device=input_ids.device))
+
+
 @hookimpl
 def register_window_builders():
-    return [SuffixWindow, PseudoWindow, SemanticWindow, QuestionWindow]
+    return [SuffixWindow, PseudoWindow, SemanticWindow, QuestionWindow, PromptWindow, NoWindow]

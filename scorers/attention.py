@@ -1,8 +1,9 @@
 """The ``attention`` scorer: softmax attention mass that the window's queries put on each prompt key.
 
-This is the score of SnapKV (Li et al. 2024, window = last prompt tokens, pooled) and of DapQ
-(Tian et al. 2026, arXiv 2603.11564, Eq. 4: sum over pseudo queries of post-RoPE softmax attention).
-Memory is O(window × T) per layer: no L × L matrix is ever built.
+This is the score of SnapKV (Li et al. 2024, window = last prompt tokens, pooled), of TOVA (Oren et al.
+2024, window = the last token, averaged over all heads) and of DapQ (Tian et al. 2026, arXiv 2603.11564,
+Eq. 4: sum over pseudo queries of post-RoPE softmax attention). Memory is O(window × T) per layer: no
+L × L matrix is ever built.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def window_attention(ctx: LayerContext, domain: Literal["visible", "prompt"] = "
 
 def pool_scores(scores: torch.Tensor, pooling: str, kernel: int) -> torch.Tensor:
     """1-D pooling along the key axis (stride 1, zero padding counted, length preserved)."""
-    if pooling == "none" or kernel == 1:
+    if pooling == "none" or kernel == 1 or scores.shape[-1] == 0:
         return scores
     shape = scores.shape
     flat = scores.reshape(-1, 1, shape[-1])
@@ -50,14 +51,28 @@ def pool_scores(scores: torch.Tensor, pooling: str, kernel: int) -> torch.Tensor
     return pooled.reshape(shape)
 
 
+def pool_before_window(scores: torch.Tensor, ctx: LayerContext, pooling: str, kernel: int) -> torch.Tensor:
+    """Pool the keys that precede the window; keys from the window's first row on stay unpooled.
+
+    As in SnapKV, whose window is force-kept: its own scores never bleed into the keys before it.
+    Windows appended after the prompt (DapQ) precede no prompt key, so every key is pooled.
+    """
+    start = min(int(ctx.query_rows.min()), ctx.prompt_length) if ctx.query_rows.numel() else ctx.prompt_length
+    return torch.cat([pool_scores(scores[..., :start], pooling, kernel), scores[..., start:]], dim=-1)
+
+
 def reduce_group(scores: torch.Tensor, how: str) -> torch.Tensor:
-    """Reduce ``[batch, kv_heads, group, L]`` over the query heads of each KV group."""
+    """Reduce ``[batch, kv_heads, group, L]`` over query heads: per KV group (mean|max) or all heads."""
+    if how == "all_heads":
+        return scores.mean(dim=(1, 2), keepdim=True).squeeze(2).expand(-1, scores.shape[1], -1)
     return scores.mean(dim=2) if how == "mean" else scores.amax(dim=2)
 
 
 class AttentionConfig(PartConfig):
     aggregation: Literal["sum", "mean"] = Field("sum", description="how the window's queries are combined")
-    gqa: Literal["mean", "max"] = Field("mean", description="reduction over the query heads of a KV group")
+    gqa: Literal["mean", "max", "all_heads"] = Field(
+        "mean", description="reduction over query heads: per KV group (mean|max) or over all heads (TOVA)"
+    )
     pooling: Literal["none", "avg", "max"] = Field("none", description="1-D pooling of scores along the keys")
     kernel: int = Field(7, ge=1, description="pooling kernel size (odd)")
     softmax_domain: Literal["visible", "prompt"] = Field(
@@ -71,6 +86,13 @@ class AttentionConfig(PartConfig):
         return self
 
 
+def attention_scores(ctx: LayerContext, config: AttentionConfig) -> torch.Tensor:
+    """``[batch, kv_heads, L]`` attention scores of the window under ``config``."""
+    probs = window_attention(ctx, config.softmax_domain)
+    per_head = probs.sum(dim=3) if config.aggregation == "sum" else probs.mean(dim=3)
+    return pool_before_window(reduce_group(per_head, config.gqa), ctx, config.pooling, config.kernel)
+
+
 class AttentionScorer(Scorer):
     """Sum (or mean) over window queries of causal softmax attention, GQA-reduced, optionally pooled."""
 
@@ -79,9 +101,7 @@ class AttentionScorer(Scorer):
     Config = AttentionConfig
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
-        probs = window_attention(ctx, self.config.softmax_domain)
-        per_head = probs.sum(dim=3) if self.config.aggregation == "sum" else probs.mean(dim=3)
-        return pool_scores(reduce_group(per_head, self.config.gqa), self.config.pooling, self.config.kernel)
+        return attention_scores(ctx, self.config)
 
 
 @hookimpl

@@ -1,0 +1,34 @@
+"""``critical_snapkv`` and ``critical_dapq`` — attention re-weighted by the projected value norm.
+
+Feng et al. 2025, "Identify Critical KV Cache in LLM Inference from an Output Perturbation Perspective"
+(CriticalKV): half of the budget by plain attention, the rest by attention × ‖W_o v‖₁. Applied here to
+SnapKV's window and to DapQ's pseudo queries.
+"""
+
+from __future__ import annotations
+
+from kvpress_like.methods.dapq import DAPQ
+from kvpress_like.methods.snapkv import SNAPKV
+
+from kvpress_like.hookspecs import hookimpl
+from kvpress_like.methods_spec import MethodSpec, PartChoice
+
+PAPER = "Feng et al. 2025, CriticalKV"
+
+
+def critical(base: MethodSpec) -> MethodSpec:
+    """``base`` with its attention scorer replaced by the CriticalKV re-weighting (same options)."""
+    options = {**base.scorer.options, "first_stage_ratio": 0.5}
+    return base.model_copy(
+        update={
+            "name": f"critical_{base.name}",
+            "summary": f"{base.name} scores × projected value norm, two-stage selection (CriticalKV)",
+            "paper": f"{PAPER} on {base.paper}",
+            "scorer": PartChoice(name="critical", options=options),
+        }
+    )
+
+
+@hookimpl
+def register_methods():
+    return [critical(SNAPKV), critical(DAPQ)]

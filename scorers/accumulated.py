@@ -1,0 +1,53 @@
+"""The ``accumulated`` scorer: attention each key receives from every prompt query (H2O).
+
+Zhang et al. 2023, "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language
+Models". The causal attention of all prompt queries is summed per key, in chunks of queries so memory
+stays O(chunk × L) per layer. ``aggregation="mean"`` divides by the number of queries that see each key
+(kvpress's observed-attention variant), which removes the bias towards early tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+from kvpress_like.scorers.attention import reduce_group, window_attention
+from pydantic import Field
+
+from kvpress_like.hookspecs import hookimpl
+from kvpress_like.parts import LayerContext, PartConfig, Scorer
+
+
+class AccumulatedConfig(PartConfig):
+    chunk: int = Field(256, ge=1, description="queries per chunk (memory is O(chunk × L))")
+    aggregation: Literal["sum", "mean"] = Field("sum", description="sum (H2O) or mean over the queries seeing a key")
+    gqa: Literal["mean", "max", "all_heads"] = Field("mean", description="reduction over query heads")
+
+
+class AccumulatedScorer(Scorer):
+    """Sum over the window's queries (all prompt tokens for H2O) of causal softmax attention, chunked."""
+
+    name = "accumulated"
+    summary = "attention received from every window query, accumulated in chunks (H2O)"
+    Config = AccumulatedConfig
+
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        total = None
+        for start in range(0, ctx.queries.shape[2], self.config.chunk):
+            stop = start + self.config.chunk
+            part = dataclasses.replace(
+                ctx, queries=ctx.queries[:, :, start:stop], query_rows=ctx.query_rows[start:stop]
+            )
+            received = window_attention(part).sum(dim=3)
+            total = received if total is None else total + received
+        if self.config.aggregation == "mean":
+            keys = torch.arange(ctx.prompt_length, device=total.device)
+            seen_by = (ctx.query_rows.to(total.device)[:, None] >= keys[None, :]).sum(dim=0).clamp(min=1)
+            total = total / seen_by
+        return reduce_group(total, self.config.gqa)
+
+
+@hookimpl
+def register_scorers():
+    return [AccumulatedScorer]

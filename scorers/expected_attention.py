@@ -1,0 +1,79 @@
+"""The ``expected_attention`` scorer: attention that *future* queries are expected to pay each key.
+
+After kvpress's Expected Attention (Devoto et al. 2025, "Expected Attention: KV Cache Compression by
+Estimating Attention from Future Queries Distribution"). Pre-RoPE queries of the prompt are summarised
+by their mean μ and covariance Σ per head; the RoPE rotation averaged over the next ``n_future``
+positions, R̄, moves them to the future: μ' = R̄μ, Σ' = R̄ΣR̄ᵀ. For a Gaussian query,
+E[exp(q·k/√d)] = exp(μ'·k/√d + kᵀΣ'k/2d), normalised over keys, averaged over each KV group and
+(optionally) multiplied by ‖v‖. Statistics come from the rows of the current forward (the whole prompt
+with the ``none`` window), skipping the first ``n_sink`` tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from kvpress_like.adapters import project_queries
+from kvpress_like.hookspecs import hookimpl
+from kvpress_like.parts import LayerContext, PartConfig, Scorer
+
+
+class ExpectedAttentionConfig(PartConfig):
+    n_future: int = Field(512, ge=1, description="future positions whose RoPE rotations are averaged")
+    n_sink: int = Field(4, ge=0, description="first tokens left out of the query statistics")
+    use_covariance: bool = Field(True, description="include the kᵀΣk/2d term")
+    use_vnorm: bool = Field(True, description="multiply by the value norm")
+    epsilon: float = Field(0.0, ge=0, description="added to the probabilities before the value norm")
+
+
+def averaged_rotation(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The ``[head_dim, head_dim]`` mean of the RoPE rotation matrices whose ``cos``/``sin`` are ``[n, rot]``."""
+    rot = cos.shape[-1]
+    half = rot // 2
+    mean_cos, mean_sin = cos.float().mean(0), sin.float().mean(0)
+    # rotate_half(x) = P x with P = [[0, -I], [I, 0]] on the rotated dimensions
+    swap = torch.zeros(rot, rot, device=cos.device)
+    swap[:half, half:] = -torch.eye(half, device=cos.device)
+    swap[half:, :half] = torch.eye(half, device=cos.device)
+    rotation = torch.eye(head_dim, device=cos.device)
+    rotation[:rot, :rot] = torch.diag(mean_cos) + torch.diag(mean_sin) @ swap
+    return rotation
+
+
+class ExpectedAttentionScorer(Scorer):
+    """Closed-form expected attention of future queries (Gaussian query statistics, averaged RoPE)."""
+
+    name = "expected_attention"
+    summary = "expected softmax attention of future queries from prompt query statistics (× value norm)"
+    Config = ExpectedAttentionConfig
+
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        cfg = self.config
+        length = ctx.prompt_length
+        hidden = ctx.hidden_states[:, cfg.n_sink : length] if length > cfg.n_sink else ctx.hidden_states[:, :length]
+        queries = project_queries(ctx.module, hidden).float()  # [b, Hq, n, d]
+        mean = queries.mean(dim=2)
+        centred = queries - mean[:, :, None]
+        cov = centred.transpose(-1, -2) @ centred / max(queries.shape[2], 1)
+        positions = torch.arange(length, length + cfg.n_future, device=ctx.keys.device)
+        cos, sin = ctx.rope_at(positions)
+        rotation = averaged_rotation(cos[0], sin[0], queries.shape[-1])
+        mean = mean @ rotation.T
+        cov = rotation @ cov @ rotation.T
+
+        batch, kv_heads = ctx.keys.shape[:2]
+        group = queries.shape[1] // kv_heads
+        keys = ctx.keys[:, :, :length].float().repeat_interleave(group, dim=1)  # [b, Hq, L, d]
+        logits = (keys @ mean[..., None]).squeeze(-1) * ctx.scaling
+        if cfg.use_covariance:
+            logits = logits + 0.5 * ctx.scaling**2 * ((keys @ cov) * keys).sum(-1)
+        probs = logits.softmax(dim=-1).reshape(batch, kv_heads, group, length).mean(dim=2)
+        if cfg.use_vnorm:
+            probs = (probs + cfg.epsilon) * ctx.values[:, :, :length].float().norm(dim=-1)
+        return probs
+
+
+@hookimpl
+def register_scorers():
+    return [ExpectedAttentionScorer]
