@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from pydantic import Field
 
 from kvpress_like.hookspecs import hookimpl
@@ -81,6 +82,39 @@ def _cap(budgets: list[int], limit: int) -> list[int]:
     return budgets
 
 
+class HeadAdaptiveConfig(PartConfig):
+    alpha: float = Field(0.2, ge=0, le=1, description="safeguard: share of the per-head budget every head keeps")
+
+
+class HeadAdaptiveAllocator(Allocator):
+    """Ada-KV (Feng et al. 2024, arXiv 2407.11550): the KV heads of a layer share its budget.
+
+    Every head first keeps its top ``⌊α·B⌋`` tokens (the safeguard); the rest of the layer's
+    ``heads × B`` tokens go to the highest scores across all heads. Protected tokens count as the highest
+    scores, so they always fit. Scores must be comparable across heads (softmax attention mass is).
+    """
+
+    name = "head_adaptive"
+    summary = "per-layer budget shared across KV heads by global top-k, with a safeguard share (Ada-KV)"
+    Config = HeadAdaptiveConfig
+
+    def layer_budgets(self, num_layers: int, prompt_length: int, budget_tokens: int) -> list[int]:
+        return [min(budget_tokens, prompt_length)] * num_layers
+
+    def head_budgets(self, scores: torch.Tensor, layer_budget: int, protected: torch.Tensor) -> torch.Tensor:
+        batch, heads, length = scores.shape
+        ranked = scores.float().masked_fill(protected, float("inf"))
+        safeguard = min(math.floor(self.config.alpha * layer_budget), layer_budget)
+        order = ranked.argsort(dim=-1, descending=True)
+        pool = ranked.clone()
+        pool.scatter_(-1, order[..., :safeguard], float("-inf"))  # already granted by the safeguard
+        remaining = heads * (layer_budget - safeguard)
+        winners = pool.reshape(batch, heads * length).topk(remaining, dim=-1).indices // length
+        extra = torch.zeros(batch, heads, dtype=torch.long, device=scores.device)
+        extra.scatter_add_(1, winners, torch.ones_like(winners))
+        return (safeguard + extra).cpu()
+
+
 @hookimpl
 def register_allocators():
-    return [UniformAllocator, FullAllocator, PyramidAllocator]
+    return [UniformAllocator, FullAllocator, PyramidAllocator, HeadAdaptiveAllocator]

@@ -12,6 +12,7 @@ import torch
 from transformers import DynamicCache
 
 from kvpress_like.errors import UnsupportedInputError
+from kvpress_like.ragged import RaggedLayer
 
 
 class CompressedCache(DynamicCache):
@@ -31,9 +32,11 @@ class CompressedCache(DynamicCache):
         return super().get_seq_length(layer_idx)
 
     def full_attention_lengths(self) -> list[int]:
-        """Physical lengths of the layers that are not sliding-window layers."""
+        """Physical lengths of the dense full-attention layers (not sliding-window, not ragged)."""
         return [
-            self.physical_length(i) for i, layer in enumerate(self.layers) if not getattr(layer, "is_sliding", False)
+            self.physical_length(i)
+            for i, layer in enumerate(self.layers)
+            if not getattr(layer, "is_sliding", False) and not isinstance(layer, RaggedLayer)
         ]
 
     @property
@@ -47,7 +50,7 @@ class CompressedCache(DynamicCache):
         A one-token step needs no causal pattern, so every layer reads a slice of an all-visible mask.
         Several tokens at once would need a different causal offset per layer: refused, never wrong.
         """
-        if not self.uneven or getattr(self.layers[layer_idx], "is_sliding", False):
+        if not self.uneven or getattr(self.layers[layer_idx], "is_sliding", False) or not self.full_attention_lengths():
             return super().get_mask_sizes(query_length, layer_idx)
         if query_length > 1:
             raise UnsupportedInputError(
@@ -64,11 +67,17 @@ class CompressedCache(DynamicCache):
         layer.is_initialized, layer.device = True, keys.device
         self.evicted[layer_idx] = seen - keys.shape[-2]
 
+    def replace_with_ragged(self, layer_idx: int, layer: RaggedLayer, seen: int) -> None:
+        """Hold a head-adaptive layer (each KV head its own length) for a layer that has seen ``seen`` tokens."""
+        self.layers[layer_idx] = layer
+        self.evicted[layer_idx] = seen - layer.get_seq_length()
+
     def nbytes(self) -> int:
         """Bytes of key and value tensors really held."""
-        return sum(
-            t.numel() * t.element_size()
-            for layer in self.layers
-            for t in (layer.keys, layer.values)
-            if isinstance(t, torch.Tensor)
-        )
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, RaggedLayer):
+                total += layer.nbytes()
+            else:
+                total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
+        return total

@@ -19,8 +19,9 @@ import torch
 from kvpress_like.adapters import window_queries
 from kvpress_like.cache import CompressedCache
 from kvpress_like.compat import cache_from_hook_kwargs
-from kvpress_like.parts import LayerContext, Scorer, Selector, WindowPlan
+from kvpress_like.parts import Allocator, LayerContext, Scorer, Selector, WindowPlan
 from kvpress_like.plugins import get_plugin_manager
+from kvpress_like.ragged import RaggedLayer
 from kvpress_like.report import CompressionReport, LayerReport
 
 
@@ -47,6 +48,8 @@ class LayerCompressor:
         finally:
             for handle in handles:
                 handle.remove()
+
+    allocator: Allocator | None = None
 
     def _hook(self, module, args, kwargs, output) -> None:
         layer_idx = module.layer_idx
@@ -85,10 +88,31 @@ class LayerCompressor:
             rope_at=lambda positions: self.rope_at(module, positions),
         )
         scores = self.scorer.score(ctx)
-        kept = self.selector.select(scores, budget)
-        _check_kept(kept, scores.shape, budget, type(self.selector).__name__)
-        index = kept.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
-        self.target.replace_layer(layer_idx, keys.gather(2, index), values.gather(2, index), seen=length)
+        counts = self.allocator.head_budgets(scores, budget, self.selector.protected_mask(length, budget, keys.device))
+        if bool((counts == budget).all()):
+            kept = self.selector.select(scores, budget)
+            _check_kept(kept, scores.shape, budget, type(self.selector).__name__)
+            index = kept.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
+            self.target.replace_layer(layer_idx, keys.gather(2, index), values.gather(2, index), seen=length)
+            return kept
+        return self._compress_ragged(layer_idx, scores, counts, keys, values)
+
+    def _compress_ragged(self, layer_idx, scores, counts, keys, values) -> list[list[torch.Tensor]]:
+        """Per (sequence, head) selection with its own count, stored without padding."""
+        kept, key_parts, value_parts = [], [], []
+        for b in range(scores.shape[0]):
+            kept_row, key_row, value_row = [], [], []
+            for h in range(scores.shape[1]):
+                count = int(counts[b, h])
+                index = self.selector.select(scores[b : b + 1, h : h + 1], count)[0, 0]
+                _check_kept(index[None, None], scores[b : b + 1, h : h + 1].shape, count, type(self.selector).__name__)
+                kept_row.append(index)
+                key_row.append(keys[b, h, index])
+                value_row.append(values[b, h, index])
+            kept.append(kept_row)
+            key_parts.append(key_row)
+            value_parts.append(value_row)
+        self.target.replace_with_ragged(layer_idx, RaggedLayer(key_parts, value_parts), seen=self.plan.prompt_length)
         return kept
 
 

@@ -7,6 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kvpress_like.compat import model_inputs
 from kvpress_like.errors import ConfigError
+from kvpress_like.ragged import ragged_attention
 
 
 class GenerationOptions(BaseModel):
@@ -62,9 +63,14 @@ def decode(
 ) -> list[int]:
     """Generate up to ``max_new_tokens`` ids for one sequence; the first comes from ``first_logits``."""
     generator = torch.Generator().manual_seed(options.seed) if options.seed is not None else None
+    with ragged_attention(model, cache):
+        return _decode_loop(
+            model, cache, first_logits, start_position, max_new_tokens, options, eos_token_ids, generator
+        )
+
+
+def _decode_loop(model, cache, logits, position, max_new_tokens, options, eos_token_ids, generator) -> list[int]:
     tokens: list[int] = []
-    logits = first_logits
-    position = start_position
     for _ in range(max_new_tokens):
         token = next_token(logits, options, generator)
         tokens.append(int(token[0]))

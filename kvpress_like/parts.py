@@ -113,11 +113,22 @@ class Allocator(Part):
     def layer_budgets(self, num_layers: int, prompt_length: int, budget_tokens: int) -> list[int]:
         raise NotImplementedError
 
+    def head_budgets(self, scores: torch.Tensor, layer_budget: int, protected: torch.Tensor) -> torch.Tensor:
+        """Tokens per (sequence, KV head), ``[batch, kv_heads]``, averaging ``layer_budget``; equal by default.
+
+        ``scores`` is ``[batch, kv_heads, L]``; ``protected`` ``[L]`` marks tokens the selector always keeps.
+        """
+        return torch.full(scores.shape[:2], layer_budget, dtype=torch.long)
+
 
 class Selector(Part):
     """Turns scores and a per-layer budget into kept prompt indices ``[batch, kv_heads, k]``, sorted."""
 
     kind = "selector"
+
+    def protected_mask(self, prompt_length: int, budget: int, device: torch.device) -> torch.Tensor:
+        """``[L]`` bool: tokens always kept within ``budget``; none by default."""
+        return torch.zeros(prompt_length, dtype=torch.bool, device=device)
 
     def select(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
         raise NotImplementedError

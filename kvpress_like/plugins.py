@@ -39,6 +39,7 @@ BUILTIN_PLUGINS = (
     "kvpress_like.methods.streaming_llm",
     "kvpress_like.methods.expected_attention",
     "kvpress_like.methods.critical",
+    "kvpress_like.methods.ada",
 )
 
 _REGISTRATION_HOOKS = {

@@ -22,6 +22,7 @@ from kvpress_like.compat import model_inputs
 from kvpress_like.compressor import LayerCompressor
 from kvpress_like.errors import UnsupportedInputError, UnsupportedModelError
 from kvpress_like.plugins import get_plugin_manager
+from kvpress_like.ragged import ragged_attention
 from kvpress_like.report import CompressionReport
 
 
@@ -98,6 +99,7 @@ def _make_compressor(pipeline, model, adapter: ModelAdapter, input_ids, question
         report=report,
         pipeline=pipeline,
         rope_at=adapter.rope_at,
+        allocator=pipeline.allocator,
     )
 
 
@@ -134,11 +136,12 @@ def feed(model, cache: CompressedCache, input_ids: torch.Tensor, start_position:
     """
     length = input_ids.shape[1]
     positions = torch.arange(start_position, start_position + length, device=model.device)
-    if not cache.uneven:
-        return forward(model, cache, input_ids, positions)
-    for i in range(length):
-        logits = forward(model, cache, input_ids[:, i : i + 1], positions[i : i + 1])
-    return logits
+    with ragged_attention(model, cache):
+        if not cache.uneven:
+            return forward(model, cache, input_ids, positions)
+        for i in range(length):
+            logits = forward(model, cache, input_ids[:, i : i + 1], positions[i : i + 1])
+        return logits
 
 
 def check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:

@@ -9,12 +9,36 @@ import torch
 
 @dataclass
 class LayerReport:
-    """One layer: kept prompt indices ``[batch, kv_heads, k]`` (sorted, original positions) and timing."""
+    """One layer: kept prompt indices (sorted, original positions), its budget per KV head and timing.
+
+    ``kept_indices`` is a LongTensor ``[batch, kv_heads, k]``; with head-adaptive budgets each (sequence,
+    head) keeps its own number of tokens and it is a list (batch) of lists (heads) of 1-D LongTensors.
+    """
 
     layer_idx: int
-    kept_indices: torch.Tensor
+    kept_indices: torch.Tensor | list[list[torch.Tensor]]
     budget: int
     seconds: float
+
+    def kept_mask(self, prompt_length: int) -> torch.Tensor:
+        """``[batch, kv_heads, prompt_length]`` bool, True where a prompt token was kept."""
+        if isinstance(self.kept_indices, torch.Tensor):
+            batch, heads = self.kept_indices.shape[:2]
+            mask = torch.zeros(batch, heads, prompt_length, dtype=torch.bool, device=self.kept_indices.device)
+            return mask.scatter_(-1, self.kept_indices, True)
+        rows = self.kept_indices
+        mask = torch.zeros(len(rows), len(rows[0]), prompt_length, dtype=torch.bool)
+        for b, row in enumerate(rows):
+            for h, index in enumerate(row):
+                mask[b, h, index.cpu()] = True
+        return mask
+
+    @property
+    def kept_counts(self) -> torch.Tensor:
+        """Tokens kept per (sequence, KV head), ``[batch, kv_heads]``."""
+        if isinstance(self.kept_indices, torch.Tensor):
+            return torch.full(self.kept_indices.shape[:2], self.kept_indices.shape[-1])
+        return torch.tensor([[len(index) for index in row] for row in self.kept_indices])
 
 
 @dataclass
