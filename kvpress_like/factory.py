@@ -33,6 +33,12 @@ def build(method: str, budget: Any = None, **overrides: Any) -> Pipeline:
     return _assemble(method, budget, choices)
 
 
+def needs_budget(method: str) -> bool:
+    """False for methods whose allocator keeps every token (``full``): they take no budget."""
+    spec = get_registry().method(method)
+    return get_registry().part_class("allocator", spec.allocator.name).uses_budget
+
+
 def build_from_spec(spec: dict[str, Any] | str | Path) -> Pipeline:
     """A pipeline from a dict or a YAML file: ``method`` (optional base), ``budget`` and part entries."""
     if isinstance(spec, (str, Path)):
