@@ -40,6 +40,7 @@ BUILTIN_PLUGINS = (
     "kvpress_like.methods.expected_attention",
     "kvpress_like.methods.critical",
     "kvpress_like.methods.ada",
+    "kvpress_like.methods.chunked",
 )
 
 _REGISTRATION_HOOKS = {

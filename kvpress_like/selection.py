@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field
 
@@ -45,6 +47,62 @@ class TopKSelector(Selector):
         return kept.sort(dim=-1).values
 
 
+class ChunkConfig(TopKConfig):
+    chunk_size: int = Field(16, ge=1, description="tokens per chunk")
+    aggregation: Literal["mean", "max"] = Field("mean", description="chunk score from its tokens' scores")
+    alignment: Literal["start", "end"] = Field(
+        "start", description="chunks tile the prompt from its first token (start) or end at its last token (end)"
+    )
+
+
+class ChunkSelector(TopKSelector):
+    """Whole chunks of consecutive tokens, best chunk score first (ChunkKV, Liu et al. 2025).
+
+    Protected tokens are kept first; the rest of the budget takes whole chunks in order of their score
+    (the mean or max of their unprotected tokens' scores); when the budget ends inside a chunk, that
+    chunk's best tokens fill it, so the kept count is exactly the budget.
+    """
+
+    name = "chunk"
+    summary = "whole chunks of consecutive tokens ranked by mean/max score (ChunkKV)"
+    Config = ChunkConfig
+
+    def chunk_ids(self, prompt_length: int, device: torch.device) -> torch.Tensor:
+        size = self.config.chunk_size
+        shift = (-prompt_length) % size if self.config.alignment == "end" else 0
+        return (torch.arange(prompt_length, device=device) + shift) // size
+
+    def select(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
+        prompt_length = scores.shape[-1]
+        protected = self.protected_mask(prompt_length, budget, scores.device)
+        ids = self.chunk_ids(prompt_length, scores.device)
+        n_chunks = int(ids[-1]) + 1
+        free = scores.float().masked_fill(protected, float("nan"))
+        index = ids.expand_as(free)
+        if self.config.aggregation == "mean":
+            total = torch.zeros(*free.shape[:2], n_chunks, device=free.device).scatter_add_(
+                -1, index, free.nan_to_num(0.0)
+            )
+            count = torch.zeros(n_chunks, device=free.device).scatter_add_(0, ids, (~protected).float())
+            chunk_score = (total / count).nan_to_num(float("-inf"))
+        else:
+            chunk_score = torch.full((*free.shape[:2], n_chunks), float("-inf"), device=free.device)
+            chunk_score = chunk_score.scatter_reduce(-1, index, free.nan_to_num(float("-inf")), "amax")
+        chunk_rank = chunk_score.argsort(dim=-1, descending=True).argsort(dim=-1)  # 0 = best chunk
+        within = _unit_interval(free.nan_to_num(float("-inf")))
+        priority = (n_chunks - chunk_rank.gather(-1, index)).float() + 0.5 * within
+        return super().select(priority.masked_fill(protected, float("inf")), budget)
+
+
+def _unit_interval(scores: torch.Tensor) -> torch.Tensor:
+    """Scores mapped monotonically into [0, 1) per head (−inf → 0), to break ties inside a chunk."""
+    finite = scores.masked_fill(~torch.isfinite(scores), float("nan"))
+    low = finite.nan_to_num(float("inf")).amin(dim=-1, keepdim=True)
+    high = finite.nan_to_num(float("-inf")).amax(dim=-1, keepdim=True)
+    scaled = (finite - low) / (high - low + 1e-12)
+    return scaled.nan_to_num(0.0).clamp(0, 0.999)
+
+
 @hookimpl
 def register_selectors():
-    return [TopKSelector]
+    return [TopKSelector, ChunkSelector]

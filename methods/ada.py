@@ -8,10 +8,9 @@ padding, no masking); decoding uses the ``kvpress_like_ragged`` attention.
 
 from __future__ import annotations
 
+from kvpress_like.hookspecs import hookimpl
 from kvpress_like.methods.dapq import DAPQ
 from kvpress_like.methods.snapkv import SNAPKV
-
-from kvpress_like.hookspecs import hookimpl
 from kvpress_like.methods_spec import MethodSpec, PartChoice
 
 PAPER = "Feng et al. 2024, arXiv 2407.11550"

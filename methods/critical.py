@@ -7,10 +7,9 @@ SnapKV's window and to DapQ's pseudo queries.
 
 from __future__ import annotations
 
+from kvpress_like.hookspecs import hookimpl
 from kvpress_like.methods.dapq import DAPQ
 from kvpress_like.methods.snapkv import SNAPKV
-
-from kvpress_like.hookspecs import hookimpl
 from kvpress_like.methods_spec import MethodSpec, PartChoice
 
 PAPER = "Feng et al. 2025, CriticalKV"

@@ -12,11 +12,11 @@ import dataclasses
 from typing import Literal
 
 import torch
-from kvpress_like.scorers.attention import reduce_group, window_attention
 from pydantic import Field
 
 from kvpress_like.hookspecs import hookimpl
 from kvpress_like.parts import LayerContext, PartConfig, Scorer
+from kvpress_like.scorers.attention import reduce_group, window_attention
 
 
 class AccumulatedConfig(PartConfig):

@@ -9,11 +9,11 @@ tokens by plain attention are taken first, the rest by the re-weighted score.
 from __future__ import annotations
 
 import torch
-from kvpress_like.scorers.attention import AttentionConfig, attention_scores
 from pydantic import Field
 
 from kvpress_like.hookspecs import hookimpl
 from kvpress_like.parts import LayerContext, Scorer
+from kvpress_like.scorers.attention import AttentionConfig, attention_scores
 
 
 class CriticalConfig(AttentionConfig):
