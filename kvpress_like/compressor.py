@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -50,6 +50,7 @@ class LayerCompressor:
                 handle.remove()
 
     allocator: Allocator | None = None
+    captured: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
 
     def _hook(self, module, args, kwargs, output) -> None:
         layer_idx = module.layer_idx
@@ -71,9 +72,7 @@ class LayerCompressor:
             kept = torch.arange(length, device=keys.device).expand(keys.shape[0], keys.shape[1], length)
             self.target.replace_layer(layer_idx, keys, values, seen=length)
             return kept
-        local_rows = (self.plan.window_rows - self.row_offset).to(kwargs["hidden_states"].device)
-        cos, sin = kwargs["position_embeddings"]
-        queries = window_queries(module, kwargs["hidden_states"][:, local_rows], cos[:, local_rows], sin[:, local_rows])
+        queries = window_queries(module, *self._window_inputs(layer_idx, kwargs))
         ctx = LayerContext(
             layer_idx=layer_idx,
             module=module,
@@ -96,6 +95,39 @@ class LayerCompressor:
             self.target.replace_layer(layer_idx, keys.gather(2, index), values.gather(2, index), seen=length)
             return kept
         return self._compress_ragged(layer_idx, scores, counts, keys, values)
+
+    def _window_inputs(self, layer_idx: int, kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Attention inputs and ``(cos, sin)`` of the window rows: those of this forward, after any captured ones."""
+        rows = self.plan.window_rows.to(kwargs["hidden_states"].device)
+        local = rows[rows >= self.row_offset] - self.row_offset
+        cos, sin = kwargs["position_embeddings"]
+        current = (kwargs["hidden_states"][:, local], cos[:, local], sin[:, local])
+        if layer_idx not in self.captured:
+            return current
+        captured = self.captured[layer_idx]
+        return tuple(torch.cat([early, late], dim=1) for early, late in zip(captured, current, strict=True))
+
+    @contextmanager
+    def capturing(self, modules: list[torch.nn.Module]):
+        """During the prompt forward, keep the attention inputs of window rows that lie inside the prompt.
+
+        Needed by windows that mix prompt rows with appended rows (``union``): the appended forward only
+        sees its own rows.
+        """
+        rows = self.plan.window_rows[self.plan.window_rows < self.plan.prompt_length]
+
+        def capture(module, args, kwargs):
+            if module.layer_idx in self.budgets:
+                cos, sin = kwargs["position_embeddings"]
+                local = rows.to(cos.device)
+                self.captured[module.layer_idx] = (kwargs["hidden_states"][:, local], cos[:, local], sin[:, local])
+
+        handles = [m.register_forward_pre_hook(capture, with_kwargs=True) for m in modules]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _compress_ragged(self, layer_idx, scores, counts, keys, values) -> list[list[torch.Tensor]]:
         """Per (sequence, head) selection with its own count, stored without padding."""

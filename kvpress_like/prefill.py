@@ -52,12 +52,14 @@ def prefill_many(
     compressible = [i for i, layer in enumerate(shared.layers) if not getattr(layer, "is_sliding", False)]
     jobs = [_make_compressor(p, model, adapter, input_ids, question_span, shared, compressible) for p in pipelines]
     _check_backend(model, jobs)
-    in_prompt = [job for job in jobs if job.plan.n_appended == 0]
 
     started = time.perf_counter()
     with ExitStack() as stack:
-        for job in in_prompt:
-            stack.enter_context(job.attached(adapter.attention_modules()))
+        for job in jobs:
+            if job.plan.n_appended == 0:
+                stack.enter_context(job.attached(adapter.attention_modules()))
+            elif bool((job.plan.window_rows < length).any()):
+                stack.enter_context(job.capturing(adapter.attention_modules()))
         logits = forward(model, shared, input_ids, torch.arange(length, device=model.device))
     prompt_seconds = time.perf_counter() - started
 

@@ -5,6 +5,7 @@
   will occupy, L … L+N−1 (DapQ, Tian et al. 2026, arXiv 2603.11564, §4.1).
 * ``semantic`` — the same synthetic content at positions that do not mirror decoding (the paper's
   "what vs where" ablation, §3.1 and §6.3).
+* ``union`` — the suffix window and the pseudo queries together.
 * ``question`` — the question's own tokens inside the prompt (query-aware scoring).
 * ``prompt`` — every prompt token (accumulated attention, H2O; query statistics, Expected Attention).
 * ``none`` — no queries, for scorers that read only keys/values or positions (StreamingLLM, K-norm).
@@ -134,6 +135,25 @@ class QuestionWindow(WindowBuilder):
         return WindowPlan(length, torch.arange(start, end, device=input_ids.device))
 
 
+class UnionConfig(PseudoConfig):
+    size: int = Field(32, ge=1, description="last prompt tokens joined to the pseudo queries")
+
+
+class UnionWindow(PseudoWindow):
+    """The suffix window and the pseudo queries together: recent real queries plus decoding-aligned ones."""
+
+    name = "union"
+    summary = "last `size` prompt tokens + DapQ's pseudo queries"
+    Config = UnionConfig
+
+    def plan(self, input_ids: torch.Tensor, question_span: tuple[int, int] | None = None) -> WindowPlan:
+        pseudo = super().plan(input_ids, question_span)
+        start = max(0, pseudo.prompt_length - self.config.size)
+        suffix_rows = torch.arange(start, pseudo.prompt_length, device=input_ids.device)
+        rows = torch.cat([suffix_rows, pseudo.window_rows])
+        return WindowPlan(pseudo.prompt_length, rows, pseudo.appended_ids, pseudo.appended_positions)
+
+
 class PromptWindow(WindowBuilder):
     """Every prompt token is a query (H2O's accumulated attention, Expected Attention's statistics)."""
 
@@ -156,4 +176,4 @@ class NoWindow(WindowBuilder):
 
 @hookimpl
 def register_window_builders():
-    return [SuffixWindow, PseudoWindow, SemanticWindow, QuestionWindow, PromptWindow, NoWindow]
+    return [SuffixWindow, PseudoWindow, SemanticWindow, UnionWindow, QuestionWindow, PromptWindow, NoWindow]
