@@ -118,7 +118,11 @@ def _check_backend(model, jobs: list[LayerCompressor]) -> None:
 
 
 def shallow_copy(cache: CompressedCache) -> CompressedCache:
-    """A cache sharing the tensors of ``cache``; updates to either never affect the other."""
+    """A cache sharing the tensors of ``cache``; updates to either never affect the other.
+
+    Every layer type rebinds its tensors on update instead of writing into them, so copying the layer
+    objects is enough: reuse one compressed cache for several questions by copying it first.
+    """
     twin = copy.copy(cache)
     twin.layers = [copy.copy(layer) for layer in cache.layers]
     twin.evicted = dict(cache.evicted)

@@ -60,10 +60,9 @@ class RaggedLayer(CacheLayerMixin):
         return torch.tensor([[part.shape[0] for part in row] for row in self.key_parts])
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        for b, (key_row, value_row) in enumerate(zip(self.key_parts, self.value_parts, strict=True)):
-            for h in range(len(key_row)):
-                key_row[h] = torch.cat([key_row[h], key_states[b, h]], dim=0)
-                value_row[h] = torch.cat([value_row[h], value_states[b, h]], dim=0)
+        """Append one row per (sequence, head); new lists, so a shallow copy of the layer never sees it."""
+        self.key_parts = _appended(self.key_parts, key_states)
+        self.value_parts = _appended(self.value_parts, value_states)
         return RaggedKV(self.key_parts), RaggedKV(self.value_parts)
 
     def get_seq_length(self) -> int:
@@ -78,6 +77,10 @@ class RaggedLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         parts = (self.key_parts, self.value_parts)
         return sum(t.numel() * t.element_size() for rows in parts for row in rows for t in row)
+
+
+def _appended(parts: list[list[torch.Tensor]], states: torch.Tensor) -> list[list[torch.Tensor]]:
+    return [[torch.cat([part, states[b, h]], dim=0) for h, part in enumerate(row)] for b, row in enumerate(parts)]
 
 
 def _bottom_right_causal(q_length: int, kv_length: int, device) -> torch.Tensor:
