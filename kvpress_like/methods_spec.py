@@ -34,3 +34,8 @@ class MethodSpec(BaseModel):
 
     def part(self, kind: str) -> PartChoice:
         return getattr(self, kind)
+
+    def variant(self, name: str, summary: str, paper: str, **changes: Any) -> MethodSpec:
+        """This method with some parts (or notes) changed; ``paper`` is cited on top of this method's paper."""
+        cited = f"{paper} on {self.paper}"
+        return self.model_copy(update={"name": name, "summary": summary, "paper": cited, **changes})

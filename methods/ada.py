@@ -13,19 +13,15 @@ from kvpress_like.methods.dapq import DAPQ
 from kvpress_like.methods.snapkv import SNAPKV
 from kvpress_like.methods_spec import MethodSpec, PartChoice
 
-PAPER = "Feng et al. 2024, arXiv 2407.11550"
-
 
 def head_adaptive(base: MethodSpec) -> MethodSpec:
     """``base`` with its uniform allocator replaced by Ada-KV's head-adaptive one."""
-    return base.model_copy(
-        update={
-            "name": f"ada_{base.name}",
-            "summary": f"{base.name} scores with head-adaptive budgets (Ada-KV, α = 0.2)",
-            "paper": f"{PAPER} on {base.paper}",
-            "departures": "selection is per (sequence, head) with the selector's protected tokens counted first",
-            "allocator": PartChoice(name="head_adaptive", options={"alpha": 0.2}),
-        }
+    return base.variant(
+        f"ada_{base.name}",
+        f"{base.name} scores with head-adaptive budgets (Ada-KV, α = 0.2)",
+        "Feng et al. 2024, arXiv 2407.11550",
+        departures="selection is per (sequence, head) with the selector's protected tokens counted first",
+        allocator=PartChoice(name="head_adaptive", options={"alpha": 0.2}),
     )
 
 

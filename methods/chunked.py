@@ -13,19 +13,15 @@ from kvpress_like.methods.dapq import DAPQ
 from kvpress_like.methods.snapkv import SNAPKV
 from kvpress_like.methods_spec import MethodSpec, PartChoice
 
-PAPER = "Liu et al. 2025, ChunkKV"
-
 
 def chunked(base: MethodSpec, chunk_size: int = 16) -> MethodSpec:
     """``base`` with its top-k selector replaced by whole-chunk selection (same protected tokens)."""
     options = {**base.selector.options, "chunk_size": chunk_size, "aggregation": "mean"}
-    return base.model_copy(
-        update={
-            "name": f"{base.name}_chunk",
-            "summary": f"{base.name} scores, whole chunks of {chunk_size} tokens kept (ChunkKV selection)",
-            "paper": f"{PAPER} on {base.paper}",
-            "selector": PartChoice(name="chunk", options=options),
-        }
+    return base.variant(
+        f"{base.name}_chunk",
+        f"{base.name} scores, whole chunks of {chunk_size} tokens kept (ChunkKV selection)",
+        "Liu et al. 2025, ChunkKV",
+        selector=PartChoice(name="chunk", options=options),
     )
 
 

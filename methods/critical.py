@@ -12,19 +12,14 @@ from kvpress_like.methods.dapq import DAPQ
 from kvpress_like.methods.snapkv import SNAPKV
 from kvpress_like.methods_spec import MethodSpec, PartChoice
 
-PAPER = "Feng et al. 2025, CriticalKV"
-
 
 def critical(base: MethodSpec) -> MethodSpec:
     """``base`` with its attention scorer replaced by the CriticalKV re-weighting (same options)."""
-    options = {**base.scorer.options, "first_stage_ratio": 0.5}
-    return base.model_copy(
-        update={
-            "name": f"critical_{base.name}",
-            "summary": f"{base.name} scores × projected value norm, two-stage selection (CriticalKV)",
-            "paper": f"{PAPER} on {base.paper}",
-            "scorer": PartChoice(name="critical", options=options),
-        }
+    return base.variant(
+        f"critical_{base.name}",
+        f"{base.name} scores × projected value norm, two-stage selection (CriticalKV)",
+        "Feng et al. 2025, CriticalKV",
+        scorer=PartChoice(name="critical", options={**base.scorer.options, "first_stage_ratio": 0.5}),
     )
 
 
