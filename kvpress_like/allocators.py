@@ -89,9 +89,9 @@ class HeadAdaptiveConfig(PartConfig):
 class HeadAdaptiveAllocator(Allocator):
     """Ada-KV (Feng et al. 2024, arXiv 2407.11550): the KV heads of a layer share its budget.
 
-    Every head first keeps its top ``⌊α·B⌋`` tokens (the safeguard); the rest of the layer's
-    ``heads × B`` tokens go to the highest scores across all heads. Protected tokens count as the highest
-    scores, so they always fit. Scores must be comparable across heads (softmax attention mass is).
+    Every head keeps the selector's protected tokens (e.g. SnapKV's window) and, as a safeguard, its top
+    ``⌊α·(B − protected)⌋`` other tokens; the rest of the layer's ``heads × B`` tokens go to the highest
+    remaining scores across all heads. Scores must be comparable across heads (softmax attention mass is).
     """
 
     name = "head_adaptive"
@@ -104,10 +104,11 @@ class HeadAdaptiveAllocator(Allocator):
     def head_budgets(self, scores: torch.Tensor, layer_budget: int, protected: torch.Tensor) -> torch.Tensor:
         batch, heads, length = scores.shape
         ranked = scores.float().masked_fill(protected, float("inf"))
-        safeguard = min(math.floor(self.config.alpha * layer_budget), layer_budget)
+        n_protected = int(protected.sum())
+        safeguard = n_protected + math.floor(self.config.alpha * (layer_budget - n_protected))
         order = ranked.argsort(dim=-1, descending=True)
         pool = ranked.clone()
-        pool.scatter_(-1, order[..., :safeguard], float("-inf"))  # already granted by the safeguard
+        pool.scatter_(-1, order[..., :safeguard], float("-inf"))  # already granted: protected + safeguard
         remaining = heads * (layer_budget - safeguard)
         winners = pool.reshape(batch, heads * length).topk(remaining, dim=-1).indices // length
         extra = torch.zeros(batch, heads, dtype=torch.long, device=scores.device)

@@ -154,5 +154,5 @@ def _check_kept(kept: torch.Tensor, score_shape: torch.Size, budget: int, select
         raise RuntimeError(
             f"{selector} returned kept indices of shape {tuple(kept.shape)}, expected {(batch, heads, budget)}"
         )
-    if kept.min() < 0 or kept.max() >= length:
+    if kept.numel() and (kept.min() < 0 or kept.max() >= length):
         raise RuntimeError(f"{selector} returned indices outside [0, {length})")

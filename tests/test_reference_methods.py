@@ -1,0 +1,721 @@
+"""Every registered method against a naive reference written here in plain torch.
+
+The references share no code with the library's windows, scorers, allocators or selectors. Each one runs
+the *uncompressed* model once under eager attention with ``output_attentions=True`` (on the prompt, or
+on the prompt followed by DapQ's 32 pseudo tokens — first 4 + last 28 prompt ids, which a plain forward
+of the concatenation puts at positions L … L+31) and computes the scores from the model's own full
+attention matrices, its cache's post-RoPE keys and values, and (Expected Attention) the pre-RoPE queries
+recomputed from the hidden states. Selections are written as plain set logic over those scores.
+
+Two float32 computations of the same score differ by ~1e-7 relative, so a token whose reference score
+lies within ``RTOL`` (relative to the largest score) of a cut-off may go either way; every other token
+must be decided exactly as the reference decides it, and the number of such near-ties is bounded so the
+comparison cannot become vacuous.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from kvpress_like import build
+from kvpress_like.plugins import get_registry
+from kvpress_like.testing import make_model
+
+ARCHS = ["llama", "qwen3"]
+# 4 layers so the pyramid budgets differ between layers; a larger init than the default gives peaked,
+# well-separated attention (the default 0.02 leaves Llama's attention almost uniform).
+OVERRIDES = dict(num_hidden_layers=4, initializer_range=0.1)
+BATCH = 2
+WINDOW = 32  # SnapKV's observation window and DapQ's pseudo-token count
+PREFIX = 4  # DapQ: first 4 prompt ids open the pseudo content
+KERNEL = 7  # SnapKV's pooling kernel
+RTOL = 1e-5
+MAX_NEAR_TIES = 3  # per (sequence, head): more would make the comparison too loose to mean anything
+
+# Every built-in method has a reference test below (see test_every_registered_method_is_covered).
+METHODS = [
+    "ada_dapq", "ada_snapkv", "critical_dapq", "critical_snapkv", "dapq", "dapq_chunk", "dapq_pyramid",
+    "expected_attention", "full", "h2o", "knorm", "pyramidkv", "random", "snapkv", "snapkv_chunk",
+    "streaming_llm", "tova",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Models, prompts and the uncompressed reference forward
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def model_for(arch: str, attn_implementation: str = "eager"):
+    """Tiny model (same weights for both backends: ``make_model`` seeds before building).
+
+    Qwen3's QK-norm weights start at 1, which gives every key the same norm (K-norm would face nothing but
+    ties): they get seeded random weights, as a trained model has.
+    """
+    model = make_model(arch, attn_implementation=attn_implementation, **OVERRIDES)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for block in model.model.layers:
+            for norm in (getattr(block.self_attn, "q_norm", None), getattr(block.self_attn, "k_norm", None)):
+                if norm is not None:
+                    norm.weight.copy_(0.5 + torch.rand(norm.weight.shape, generator=generator))
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = None
+    return model
+
+
+def prompt_ids(length: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1000 + 7 * length + seed)
+    return torch.randint(0, 256, (BATCH, length), generator=generator)
+
+
+def pseudo_ids(ids: torch.Tensor) -> torch.Tensor:
+    """DapQ's default content: the first 4 and the last 28 ids of each row's own prompt."""
+    return torch.cat([ids[:, :PREFIX], ids[:, ids.shape[1] - (WINDOW - PREFIX):]], dim=1)
+
+
+@dataclass
+class Reference:
+    ids: torch.Tensor
+    length: int
+    attentions: list[torch.Tensor]  # [B, H, T, T] float64, T = L (+ 32 pseudo rows)
+    keys: list[torch.Tensor]  # post-RoPE prompt keys [B, kv_heads, L, d] float64
+    values: list[torch.Tensor]  # prompt values [B, kv_heads, L, d] float64
+    hidden: list[torch.Tensor]  # input of each decoder layer [B, T, hidden]
+
+
+@functools.cache
+def reference_forward(arch: str, length: int, pseudo: bool, seed: int = 0) -> Reference:
+    model = model_for(arch)
+    ids = prompt_ids(length, seed)
+    tokens = torch.cat([ids, pseudo_ids(ids)], dim=1) if pseudo else ids
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        out = model(input_ids=tokens, cache=cache, output_attentions=True, output_hidden_states=True, use_cache=True)
+    layers = cache.layers
+    return Reference(
+        ids=ids,
+        length=length,
+        attentions=[a.double() for a in out.attentions],
+        keys=[layer.keys[:, :, :length].double() for layer in layers],
+        values=[layer.values[:, :, :length].double() for layer in layers],
+        hidden=list(out.hidden_states[: len(layers)]),
+    )
+
+
+def n_layers(arch: str) -> int:
+    return model_for(arch).config.num_hidden_layers
+
+
+def kv_heads(arch: str) -> int:
+    return model_for(arch).config.num_key_value_heads
+
+
+# ---------------------------------------------------------------------------------------------
+# Naive score references
+# ---------------------------------------------------------------------------------------------
+
+
+def group_mean(per_head: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """``[B, H, L]`` → mean over the query heads of each KV group, ``[B, kv_heads, L]``."""
+    batch, heads, length = per_head.shape
+    return per_head.reshape(batch, n_kv, heads // n_kv, length).mean(dim=2)
+
+
+def received_attention(ref: Reference, layer: int, rows: range) -> torch.Tensor:
+    """Σ over query ``rows`` of the attention each prompt key receives, per query head ``[B, H, L]``."""
+    return ref.attentions[layer][:, :, rows.start : rows.stop, : ref.length].sum(dim=2)
+
+
+def zero_padded_avg_pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Moving average with stride 1; the zero padding counts in the denominator (always ``kernel``)."""
+    length = scores.shape[-1]
+    out = torch.zeros_like(scores)
+    for j in range(length):
+        lo, hi = max(0, j - kernel // 2), min(length, j + kernel // 2 + 1)
+        out[..., j] = scores[..., lo:hi].sum(-1) / kernel
+    return out
+
+
+def snapkv_scores(arch: str, ref: Reference, layer: int) -> torch.Tensor:
+    """SnapKV: the last 32 prompt rows' attention, GQA mean, pooled over the keys before the window only."""
+    length = ref.length
+    raw = group_mean(received_attention(ref, layer, range(length - WINDOW, length)), kv_heads(arch))
+    start = length - WINDOW
+    return torch.cat([zero_padded_avg_pool(raw[..., :start], KERNEL), raw[..., start:]], dim=-1)
+
+
+def dapq_scores(arch: str, ref: Reference, layer: int) -> torch.Tensor:
+    """DapQ Eq. 4: Σ over the 32 pseudo rows (positions L … L+31) of the attention, GQA mean."""
+    length = ref.length
+    return group_mean(received_attention(ref, layer, range(length, length + WINDOW)), kv_heads(arch))
+
+
+def scores_for(method: str, arch: str, ref: Reference, layer: int) -> torch.Tensor:
+    return dapq_scores(arch, ref, layer) if "dapq" in method else snapkv_scores(arch, ref, layer)
+
+
+def projected_value_norm(arch: str, ref: Reference, layer: int) -> torch.Tensor:
+    """CriticalKV: ‖W_o^h v_j‖₁ for each query head h, averaged over each KV group, ``[B, kv_heads, L]``."""
+    model = model_for(arch)
+    weight = model.model.layers[layer].self_attn.o_proj.weight.detach().double()  # [hidden, H * d]
+    values = ref.values[layer]
+    batch, n_kv, length, dim = values.shape
+    heads = model.config.num_attention_heads
+    per_head = torch.zeros(batch, heads, length, dtype=torch.float64)
+    for h in range(heads):
+        w_h = weight[:, h * dim : (h + 1) * dim]  # the head's slice of the output projection
+        v = values[:, h // (heads // n_kv)]  # the KV head this query head reads
+        per_head[:, h] = (v @ w_h.T).abs().sum(-1)
+    return group_mean(per_head, n_kv)
+
+
+def rotation_matrix(position: int, inv_freq: torch.Tensor, dim: int) -> torch.Tensor:
+    """The ``[d, d]`` RoPE rotation (rotate-half pairing: channel i with channel i + d/2)."""
+    half = dim // 2
+    matrix = torch.zeros(dim, dim, dtype=torch.float64)
+    for i in range(half):
+        angle = position * float(inv_freq[i])
+        c, s = math.cos(angle), math.sin(angle)
+        matrix[i, i], matrix[i, i + half] = c, -s
+        matrix[i + half, i], matrix[i + half, i + half] = s, c
+    return matrix
+
+
+@functools.cache
+def averaged_rotation(theta: float, dim: int, start: int, count: int) -> torch.Tensor:
+    """R̄: the mean of the RoPE rotations at positions start … start+count−1."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    return sum(rotation_matrix(t, inv_freq, dim) for t in range(start, start + count)) / count
+
+
+def expected_attention_scores(arch: str, ref: Reference, layer: int, n_sink: int = 4, n_future: int = 512):
+    """Closed form of scorers/expected_attention.py's docstring, from scratch.
+
+    Pre-RoPE queries of the prompt rows n_sink … L−1 → per head mean μ and covariance Σ (1/n); R̄ = mean of
+    the RoPE rotations at positions L … L+511; μ' = R̄μ, Σ' = R̄ΣR̄ᵀ; softmax over the prompt keys of
+    μ'·k/√d + kᵀΣ'k/(2d); mean over each KV group; × ‖v‖.
+    """
+    model = model_for(arch)
+    config = model.config
+    block = model.model.layers[layer]
+    attn = block.self_attn
+    heads, n_kv, dim, length = config.num_attention_heads, config.num_key_value_heads, config.head_dim, ref.length
+    with torch.no_grad():
+        hidden = block.input_layernorm(ref.hidden[layer][:, :length])
+        queries = attn.q_proj(hidden).view(BATCH, length, heads, dim)
+        if getattr(attn, "q_norm", None) is not None:  # Qwen3's per-head RMSNorm on the queries
+            queries = attn.q_norm(queries)
+    queries = queries.transpose(1, 2).double()[:, :, n_sink:length]  # [B, H, n, d]
+    mean = queries.mean(dim=2)
+    centred = queries - mean[:, :, None]
+    cov = torch.einsum("bhni,bhnj->bhij", centred, centred) / queries.shape[2]
+
+    rotation = averaged_rotation(config.rope_parameters["rope_theta"], dim, length, n_future)
+    mean = torch.einsum("ij,bhj->bhi", rotation, mean)
+    cov = rotation @ cov @ rotation.T
+
+    scores = torch.zeros(BATCH, heads, length, dtype=torch.float64)
+    for h in range(heads):
+        keys = ref.keys[layer][:, h // (heads // n_kv)]  # [B, L, d]
+        logits = torch.einsum("bld,bd->bl", keys, mean[:, h]) / math.sqrt(dim)
+        logits = logits + torch.einsum("bli,bij,blj->bl", keys, cov[:, h], keys) / (2 * dim)
+        scores[:, h] = logits.softmax(dim=-1)
+    return group_mean(scores, n_kv) * ref.values[layer].norm(dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Naive selection references and the tolerant comparison
+# ---------------------------------------------------------------------------------------------
+
+
+def tol_of(scores: torch.Tensor) -> float:
+    finite = scores[torch.isfinite(scores)]
+    return RTOL * max(float(finite.abs().max()) if finite.numel() else 0.0, 1e-3)
+
+
+def topk_reference(scores: torch.Tensor, budget: int, protected: set[int] = frozenset()):
+    """Per (b, h): kept = protected ∪ the best (budget − |protected|) other tokens.
+
+    Returns ``(kept_mask [B, h, L], near_tie_mask [B, h, L])``: near ties lie within the tolerance of the
+    cut-off score and may legitimately go either way.
+    """
+    batch, heads, length = scores.shape
+    kept = torch.zeros(batch, heads, length, dtype=torch.bool)
+    near = torch.zeros_like(kept)
+    for b in range(batch):
+        for h in range(heads):
+            s = scores[b, h].tolist()
+            free = [j for j in range(length) if j not in protected]
+            order = sorted(free, key=lambda j: -s[j])
+            chosen = set(protected) | set(order[: budget - len(protected)])
+            kept[b, h, sorted(chosen)] = True
+            if budget - len(protected) < len(order) and budget > len(protected):
+                cut = s[order[budget - len(protected) - 1]]
+                tol = tol_of(scores[b, h])
+                for j in free:
+                    near[b, h, j] = abs(s[j] - cut) <= tol
+    return kept, near
+
+
+def assert_masks_match(kept_mask: torch.Tensor, ref_mask: torch.Tensor, near: torch.Tensor | None = None, what=""):
+    """Equal kept sets, except for tokens that are near ties of the reference (bounded in number)."""
+    assert kept_mask.shape == ref_mask.shape, what
+    near = torch.zeros_like(ref_mask) if near is None else near
+    assert torch.equal(kept_mask.sum(-1), ref_mask.sum(-1)), f"{what}: kept counts differ"
+    assert int(near.sum(-1).max()) <= MAX_NEAR_TIES, f"{what}: too many near ties for a meaningful comparison"
+    wrong = (kept_mask != ref_mask) & ~near
+    if wrong.any():
+        b, h = (int(i) for i in torch.nonzero(wrong)[0][:2])
+        missed = torch.nonzero(ref_mask[b, h] & ~kept_mask[b, h]).flatten().tolist()
+        extra = torch.nonzero(kept_mask[b, h] & ~ref_mask[b, h]).flatten().tolist()
+        raise AssertionError(f"{what} batch {b} head {h}: missed {missed}, wrongly kept {extra}")
+
+
+def dense_mask(report, layer: int, length: int, budget: int) -> torch.Tensor:
+    """The report's kept set as a mask, after checking the dense layout ([B, h, k], sorted, unique)."""
+    kept = report.layers[layer].kept_indices
+    assert isinstance(kept, torch.Tensor) and kept.shape[-1] == budget
+    assert torch.equal(kept, kept.sort(dim=-1).values), "kept indices are not sorted"
+    assert bool((kept[..., 1:] != kept[..., :-1]).all()), "duplicate kept indices"
+    return report.layers[layer].kept_mask(length)
+
+
+def check_topk_method(report, ref_scores: dict[int, torch.Tensor], budgets: dict[int, int], length: int,
+                      protected_for=lambda budget: set()):
+    assert sorted(report.layers) == sorted(ref_scores)
+    for layer, scores in ref_scores.items():
+        budget = budgets[layer]
+        if budget >= length:
+            ref, near = torch.ones(*scores.shape, dtype=torch.bool), None
+            budget = length
+        else:
+            ref, near = topk_reference(scores, budget, protected_for(budget))
+        assert_masks_match(dense_mask(report, layer, length, budget), ref, near, what=f"layer {layer}")
+
+
+def run(method: str, arch: str, length: int, budget, backend: str = "eager", seed: int = 0, **overrides):
+    pipeline = build(method, budget=budget, **overrides) if budget is not None else build(method, **overrides)
+    return pipeline.prefill(model_for(arch, backend), prompt_ids(length, seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# Coverage
+# ---------------------------------------------------------------------------------------------
+
+
+def test_every_registered_method_is_covered():
+    registry = get_registry()
+    builtin = {name for name in registry.methods if registry.owners[("method", name)].startswith("kvpress_like.")}
+    assert builtin == set(METHODS), "a built-in method was added or removed: give it a reference test here"
+
+
+# ---------------------------------------------------------------------------------------------
+# full, streaming_llm, knorm, random
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_full_keeps_everything(arch):
+    length = 96
+    ref = reference_forward(arch, length, pseudo=False)
+    result = run("full", arch, length, None)
+    for layer in range(n_layers(arch)):
+        kept = result.report.layers[layer].kept_indices
+        assert torch.equal(kept, torch.arange(length).expand(BATCH, kv_heads(arch), length))
+        torch.testing.assert_close(result.cache.layers[layer].keys.double(), ref.keys[layer], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(result.cache.layers[layer].values.double(), ref.values[layer], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("length", "budget"), [(96, 38), (130, 5)])
+def test_streaming_llm_keeps_sinks_and_most_recent(arch, length, budget):
+    report = run("streaming_llm", arch, length, budget).report
+    expected = list(range(4)) + list(range(length - (budget - 4), length))
+    for layer in range(n_layers(arch)):
+        kept = report.layers[layer].kept_indices
+        assert kept.shape == (BATCH, kv_heads(arch), budget)
+        assert all(row == expected for row in kept.reshape(-1, budget).tolist())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_knorm_keeps_lowest_key_norms(arch):
+    length, budget = 128, 51
+    ref = reference_forward(arch, length, pseudo=False)
+    report = run("knorm", arch, length, budget).report
+    scores = {layer: -ref.keys[layer].norm(dim=-1) for layer in range(n_layers(arch))}
+    check_topk_method(report, scores, dict.fromkeys(scores, budget), length)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_random_is_seeded(arch):
+    length, budget = 100, 40
+    first = run("random", arch, length, budget).report
+    again = run("random", arch, length, budget).report
+    other = run("random", arch, length, budget, scorer={"seed": 1}).report
+    differs = False
+    for layer in range(n_layers(arch)):
+        mask = dense_mask(first, layer, length, budget)
+        assert mask.sum(-1).eq(budget).all()
+        assert torch.equal(first.layers[layer].kept_indices, again.layers[layer].kept_indices)
+        differs |= not torch.equal(first.layers[layer].kept_indices, other.layers[layer].kept_indices)
+        # not a recency or position rule in disguise: evictions are spread over the prompt
+        assert mask[..., : length // 2].any() and (~mask[..., length // 2 :]).any()
+    assert differs, "two seeds gave the same kept sets"
+
+
+# ---------------------------------------------------------------------------------------------
+# snapkv, pyramidkv, h2o, tova, dapq, dapq_pyramid
+# ---------------------------------------------------------------------------------------------
+
+
+def window_protected(length: int):
+    return lambda budget: set(range(length - WINDOW, length))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("length", "budget"), [(128, 52), (70, 40)])
+def test_snapkv_matches_reference(arch, length, budget):
+    ref = reference_forward(arch, length, pseudo=False)
+    report = run("snapkv", arch, length, budget).report
+    scores = {layer: snapkv_scores(arch, ref, layer) for layer in range(n_layers(arch))}
+    check_topk_method(report, scores, dict.fromkeys(scores, budget), length, window_protected(length))
+
+
+def pyramid_budgets(layers: int, length: int, budget: int, beta: float, reserved: int) -> list[int]:
+    """PyramidKV budgets from the allocator's docstring: free shares linear from 2(B−r) − (B−r)/β down to
+    (B−r)/β, plus r each; largest-remainder rounding to a total of layers × B; capped at L, the excess
+    going to the largest uncapped layers."""
+    free = budget - reserved
+    top, bottom = 2 * free - free / beta, free / beta
+    step = (top - bottom) / (layers - 1)
+    exact = [reserved + top - step * i for i in range(layers)]
+    shares = [math.floor(x) for x in exact]
+    missing = layers * budget - sum(shares)
+    by_remainder = sorted(range(layers), key=lambda i: exact[i] - shares[i], reverse=True)
+    for i in by_remainder[:missing]:
+        shares[i] += 1
+    assert sum(shares) == layers * budget
+    excess = sum(max(0, s - length) for s in shares)
+    shares = [min(s, length) for s in shares]
+    while excess:
+        room = [i for i in range(layers) if shares[i] < length]
+        largest = max(room, key=lambda i: (shares[i], -i))
+        shares[largest] += 1
+        excess -= 1
+    return shares
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("length", "budget"), [(128, 52), (64, 56)])  # the second one caps a layer at L
+def test_pyramidkv_matches_reference(arch, length, budget):
+    ref = reference_forward(arch, length, pseudo=False)
+    # per-layer budgets need a backend that masks layers of different lengths: the sdpa twin (same weights)
+    report = run("pyramidkv", arch, length, budget, backend="sdpa").report
+    layers = n_layers(arch)
+    budgets = dict(enumerate(pyramid_budgets(layers, length, budget, beta=20.0, reserved=WINDOW)))
+    assert {i: r.budget for i, r in report.layers.items()} == budgets
+    assert len(set(budgets.values())) >= layers - 1, "the pyramid should give the layers different budgets"
+    scores = {layer: snapkv_scores(arch, ref, layer) for layer in range(layers)}
+    check_topk_method(report, scores, budgets, length, window_protected(length))
+
+
+def test_pyramid_budgets_reference_on_known_values():
+    """The reference formula itself, on hand-computed cases (β = 20, r = 32, 4 layers)."""
+    # B = 52: free 20, shares 71, 58.33, 45.67, 33 → 71, 58, 46, 33
+    assert pyramid_budgets(4, 128, 52, 20.0, 32) == [71, 58, 46, 33]
+    # B = 56, L = 64: 78.8, 63.6, 48.4, 33.2 → 79, 64, 48, 33 → cap: 64, 64, 63, 33
+    assert pyramid_budgets(4, 64, 56, 20.0, 32) == [64, 64, 63, 33]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dapq_pyramid_matches_reference(arch):
+    length, budget = 128, 52
+    ref = reference_forward(arch, length, pseudo=True)
+    report = run("dapq_pyramid", arch, length, budget, backend="sdpa").report
+    layers = n_layers(arch)
+    budgets = dict(enumerate(pyramid_budgets(layers, length, budget, beta=20.0, reserved=0)))
+    assert {i: r.budget for i, r in report.layers.items()} == budgets
+    assert sum(budgets.values()) == layers * budget
+    scores = {layer: dapq_scores(arch, ref, layer) for layer in range(layers)}
+    check_topk_method(report, scores, budgets, length)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("length", "budget", "chunk"), [(128, 52, None), (75, 31, None), (128, 40, 37)])
+def test_h2o_matches_reference(arch, length, budget, chunk):
+    """``chunk`` (the scorer's query chunk, 256 by default) below L exercises the chunked accumulation."""
+    ref = reference_forward(arch, length, pseudo=False)
+    overrides = {} if chunk is None else {"scorer": {"chunk": chunk}}
+    report = run("h2o", arch, length, budget, **overrides).report
+    scores = {
+        layer: group_mean(received_attention(ref, layer, range(length)), kv_heads(arch))
+        for layer in range(n_layers(arch))
+    }
+    recent = round(0.5 * budget)
+    check_topk_method(report, scores, dict.fromkeys(scores, budget), length,
+                      lambda _: set(range(length - recent, length)))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tova_matches_reference(arch):
+    length, budget = 128, 51
+    ref = reference_forward(arch, length, pseudo=False)
+    report = run("tova", arch, length, budget).report
+    scores = {}
+    for layer in range(n_layers(arch)):
+        last_row = ref.attentions[layer][:, :, length - 1, :length].mean(dim=1)  # mean over ALL query heads
+        scores[layer] = last_row[:, None].expand(-1, kv_heads(arch), -1)
+        kept = report.layers[layer].kept_indices
+        assert all(torch.equal(kept[:, 0], kept[:, h]) for h in range(kept.shape[1])), "one set for all heads"
+    check_topk_method(report, scores, dict.fromkeys(scores, budget), length)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("length", "budget"), [(128, 51), (66, 20)])
+def test_dapq_matches_reference(arch, length, budget):
+    ref = reference_forward(arch, length, pseudo=True)
+    report = run("dapq", arch, length, budget).report
+    scores = {layer: dapq_scores(arch, ref, layer) for layer in range(n_layers(arch))}
+    check_topk_method(report, scores, dict.fromkeys(scores, budget), length)
+
+
+def test_dapq_reference_is_not_snapkv():
+    """Guard against a vacuous comparison: the two windows pick visibly different sets on these models."""
+    length, budget = 128, 51
+    ref_pseudo = reference_forward("llama", length, pseudo=True)
+    ref_prompt = reference_forward("llama", length, pseudo=False)
+    differ = 0
+    for layer in range(n_layers("llama")):
+        a, _ = topk_reference(dapq_scores("llama", ref_pseudo, layer), budget)
+        b, _ = topk_reference(snapkv_scores("llama", ref_prompt, layer), budget)
+        differ += int((a != b).sum())
+    assert differ > 20
+
+
+# ---------------------------------------------------------------------------------------------
+# expected_attention
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("length", "budget"), [(128, 51), (80, 24)])
+def test_expected_attention_matches_closed_form(arch, length, budget):
+    ref = reference_forward(arch, length, pseudo=False)
+    report = run("expected_attention", arch, length, budget).report
+    scores = {layer: expected_attention_scores(arch, ref, layer) for layer in range(n_layers(arch))}
+    check_topk_method(report, scores, dict.fromkeys(scores, budget), length, lambda _: set(range(4)))
+
+
+# ---------------------------------------------------------------------------------------------
+# critical_snapkv, critical_dapq
+# ---------------------------------------------------------------------------------------------
+
+
+def critical_reference(attention: torch.Tensor, weighted: torch.Tensor, budget: int, protected: set[int]):
+    """CriticalKV two-stage selection, per (b, h): the top ⌊0.5·B⌉ prompt tokens by attention alone, the
+    protected tokens, then the best re-weighted scores (attention × ‖W_o v‖₁) up to the budget."""
+    batch, heads, length = attention.shape
+    kept = torch.zeros(batch, heads, length, dtype=torch.bool)
+    near = torch.zeros_like(kept)
+    first = round(0.5 * budget)
+    for b in range(batch):
+        for h in range(heads):
+            a, w = attention[b, h], weighted[b, h]
+            a_list, w_list = a.tolist(), w.tolist()
+            by_attention = sorted(range(length), key=lambda j: -a_list[j])
+            chosen = set(by_attention[:first]) | protected
+            assert len(chosen) <= budget
+            rest = sorted((j for j in range(length) if j not in chosen), key=lambda j: -w_list[j])
+            second = rest[: budget - len(chosen)]
+            chosen |= set(second)
+            kept[b, h, sorted(chosen)] = True
+            cut_a, tol_a = a_list[by_attention[first - 1]], tol_of(a)
+            near[b, h] |= (a - cut_a).abs() <= tol_a
+            if second:
+                cut_w, tol_w = w_list[second[-1]], tol_of(w)
+                near[b, h] |= (w - cut_w).abs() <= tol_w
+            near[b, h, sorted(protected)] = False
+    return kept, near
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("method", "length", "budget"), [("critical_snapkv", 160, 80), ("critical_dapq", 128, 51)])
+def test_critical_matches_reference(method, arch, length, budget):
+    ref = reference_forward(arch, length, pseudo="dapq" in method)
+    report = run(method, arch, length, budget).report
+    protected = set(range(length - WINDOW, length)) if "snapkv" in method else set()
+    for layer in range(n_layers(arch)):
+        attention = scores_for(method, arch, ref, layer)
+        weighted = attention * projected_value_norm(arch, ref, layer)
+        expected, near = critical_reference(attention, weighted, budget, protected)
+        assert_masks_match(dense_mask(report, layer, length, budget), expected, near, what=f"layer {layer}")
+        # the re-weighting matters: plain attention top-k would keep a different set
+        plain, _ = topk_reference(attention, budget, protected)
+        assert not torch.equal(plain, expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# ada_snapkv, ada_dapq (head-adaptive budgets)
+# ---------------------------------------------------------------------------------------------
+
+
+def ada_reference(scores: torch.Tensor, budget: int, protected: set[int], alpha: float = 0.2):
+    """Ada-KV: each head keeps its protected tokens and its top ⌊α·(B − protected)⌋ others, then the
+    layer's remaining heads × (B − guaranteed) slots go to the best remaining (head, token) scores."""
+    batch, heads, length = scores.shape
+    kept = torch.zeros(batch, heads, length, dtype=torch.bool)
+    near = torch.zeros_like(kept)
+    safeguard = len(protected) + math.floor(alpha * (budget - len(protected)))
+    for b in range(batch):
+        values = scores[b].tolist()
+        ranked = {(h, j): (math.inf if j in protected else values[h][j]) for h in range(heads) for j in range(length)}
+        guaranteed = set()
+        for h in range(heads):
+            order = sorted(range(length), key=lambda j, h=h: -ranked[(h, j)])
+            guaranteed |= {(h, j) for j in order[:safeguard]}
+            cut = ranked[(h, order[safeguard - 1])] if safeguard else math.inf
+            if math.isfinite(cut):
+                tol = tol_of(scores[b, h])
+                near[b, h] |= (scores[b, h] - cut).abs() <= tol
+        pool = sorted((key for key in ranked if key not in guaranteed), key=lambda key: -ranked[key])
+        winners = pool[: heads * (budget - safeguard)]
+        cut = ranked[winners[-1]]
+        tol = tol_of(scores[b])
+        near[b] |= (scores[b] - cut).abs() <= tol
+        for h, j in guaranteed | set(winners):
+            kept[b, h, j] = True
+    for j in protected:
+        near[:, :, j] = False
+    return kept, near
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("method", "length", "budget", "alpha"), [
+    ("ada_snapkv", 128, 52, None), ("ada_dapq", 128, 40, None),
+    ("ada_snapkv", 128, 52, 0.9), ("ada_dapq", 128, 40, 0.9),
+])
+def test_head_adaptive_matches_reference(method, arch, length, budget, alpha):
+    """The method's α = 0.2, and α = 0.9 where the safeguard binds (the heads are nearly balanced on these
+    models, so 0.2 never binds: α = 0.9 checks that the safeguard itself is right)."""
+    ref = reference_forward(arch, length, pseudo="dapq" in method)
+    overrides = {} if alpha is None else {"allocator": {"alpha": alpha}}
+    report = run(method, arch, length, budget, **overrides).report
+    protected = set(range(length - WINDOW, length)) if "snapkv" in method else set()
+    uneven = safeguard_binds = False
+    for layer in range(n_layers(arch)):
+        layer_report = report.layers[layer]
+        scores = scores_for(method, arch, ref, layer)
+        expected, near = ada_reference(scores, budget, protected, 0.2 if alpha is None else alpha)
+        safeguard_binds |= not torch.equal(expected, ada_reference(scores, budget, protected, 0.0)[0])
+        kept = layer_report.kept_indices
+        counts = expected.sum(-1)
+        if isinstance(kept, torch.Tensor):
+            assert counts.eq(budget).all(), "the report is dense but the reference gives heads different counts"
+        else:  # list[batch] of list[head] of sorted unique 1-D index tensors
+            assert len(kept) == BATCH and all(len(row) == kv_heads(arch) for row in kept)
+            for row in kept:
+                for index in row:
+                    assert torch.equal(index, index.unique(sorted=True))
+            uneven |= len(set(counts.flatten().tolist())) > 1
+        assert layer_report.kept_counts.sum(-1).eq(budget * kv_heads(arch)).all(), "the layer budget is shared"
+        assert_masks_match(layer_report.kept_mask(length).cpu(), expected, near, what=f"layer {layer}")
+    assert uneven, "the heads should get different budgets somewhere on these models"
+    assert safeguard_binds or alpha is None, "α = 0.9 should change the kept sets somewhere"
+
+
+# ---------------------------------------------------------------------------------------------
+# snapkv_chunk, dapq_chunk
+# ---------------------------------------------------------------------------------------------
+
+
+def chunk_reference(scores: torch.Tensor, budget: int, protected: set[int], chunk: int = 16) -> torch.Tensor:
+    """ChunkKV: protected tokens first; chunks [0,16), [16,32), … ranked by the mean score of their
+    unprotected tokens; whole chunks in that order, the chunk where the budget ends filled by its best tokens."""
+    batch, heads, length = scores.shape
+    kept = torch.zeros(batch, heads, length, dtype=torch.bool)
+    for b in range(batch):
+        for h in range(heads):
+            s = scores[b, h].tolist()
+            chosen = set(protected)
+            chunks = []
+            for start in range(0, length, chunk):
+                free = [j for j in range(start, min(start + chunk, length)) if j not in protected]
+                if free:
+                    chunks.append((sum(s[j] for j in free) / len(free), start, free))
+            for _, _, free in sorted(chunks, key=lambda c: (-c[0], c[1])):
+                room = budget - len(chosen)
+                if room <= 0:
+                    break
+                chosen |= set(sorted(free, key=lambda j: -s[j])[:room])
+            kept[b, h, sorted(chosen)] = True
+    return kept
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("method", "length", "budget"), [
+    ("snapkv_chunk", 128, 70), ("snapkv_chunk", 120, 60), ("dapq_chunk", 128, 51), ("dapq_chunk", 100, 40),
+])
+def test_chunk_matches_reference(method, arch, length, budget):
+    ref = reference_forward(arch, length, pseudo="dapq" in method)
+    report = run(method, arch, length, budget).report
+    protected = set(range(length - WINDOW, length)) if "snapkv" in method else set()
+    for layer in range(n_layers(arch)):
+        expected = chunk_reference(scores_for(method, arch, ref, layer), budget, protected)
+        assert_masks_match(dense_mask(report, layer, length, budget), expected, what=f"layer {layer}")
+
+
+# ---------------------------------------------------------------------------------------------
+# small budgets: layers or heads with nothing to keep
+# ---------------------------------------------------------------------------------------------
+
+
+def test_head_adaptive_with_a_head_left_empty():
+    """A head may be left with nothing: it is stored empty and decodes from the new tokens alone."""
+    length, budget = 100, 2
+    ref = reference_forward("llama", length, pseudo=True)
+    expected = {layer: ada_reference(dapq_scores("llama", ref, layer), budget, set()) for layer in range(4)}
+    assert any(bool(mask.sum(-1).eq(0).any()) for mask, _ in expected.values()), "precondition: an empty head"
+    report = run("ada_dapq", "llama", length, budget).report
+    for layer, (mask, near) in expected.items():
+        assert_masks_match(report.layers[layer].kept_mask(length).cpu(), mask, near, what=f"layer {layer}")
+
+
+def test_dapq_pyramid_with_a_layer_budget_of_zero():
+    """A layer whose pyramid share rounds to 0 keeps nothing from the prompt (and still decodes)."""
+    length, budget = 100, 10
+    budgets = pyramid_budgets(4, length, budget, beta=20.0, reserved=0)
+    assert budgets == [20, 13, 7, 0]
+    report = run("dapq_pyramid", "llama", length, budget, backend="sdpa").report
+    for layer in report.layers.values():
+        assert layer.kept_counts.eq(layer.budget).all()
+    assert sum(layer.budget for layer in report.layers.values()) == 4 * budget
+
+
+# ---------------------------------------------------------------------------------------------
+# budget >= L: lossless for every method
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", METHODS)
+def test_budget_covering_the_prompt_generates_like_no_compression(method, arch):
+    length, new_tokens = 72, 6
+    model = model_for(arch, "sdpa")
+    ids = prompt_ids(length, seed=3)
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
+    pipeline = build(method) if method == "full" else build(method, budget=length + 3)
+    result = pipeline.prefill(model, ids)
+    for layer in result.report.layers.values():
+        assert layer.kept_counts.eq(length).all()
+    first = result.next_token_logits.argmax(-1, keepdim=True)
+    extended = torch.cat([ids, first], dim=1)
+    out = model.generate(extended, attention_mask=torch.ones_like(extended), cache=result.cache,
+                         max_new_tokens=new_tokens - 1, do_sample=False)
+    assert torch.equal(out, expected)
