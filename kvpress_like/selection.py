@@ -33,15 +33,18 @@ class TopKSelector(Selector):
         positions = torch.arange(prompt_length, device=device)
         return (positions < self.config.sinks) | (positions >= prompt_length - recent)
 
-    def select(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
-        prompt_length = scores.shape[-1]
-        protected = self.protected_mask(prompt_length, budget, scores.device)
+    def checked_protected_mask(self, prompt_length: int, budget: int, device: torch.device) -> torch.Tensor:
+        protected = self.protected_mask(prompt_length, budget, device)
         n_protected = int(protected.sum())
         if n_protected > budget:
             raise ConfigError(
                 f"{n_protected} protected tokens (sinks={self.config.sinks}, recent={self.config.recent}) "
                 f"do not fit a budget of {budget} tokens; lower sinks/recent or raise the budget"
             )
+        return protected
+
+    def select(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
+        protected = self.checked_protected_mask(scores.shape[-1], budget, scores.device)
         ranked = scores.float().masked_fill(protected, float("inf"))
         kept = ranked.topk(budget, dim=-1).indices
         return kept.sort(dim=-1).values
@@ -74,7 +77,7 @@ class ChunkSelector(TopKSelector):
 
     def select(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
         prompt_length = scores.shape[-1]
-        protected = self.protected_mask(prompt_length, budget, scores.device)
+        protected = self.checked_protected_mask(prompt_length, budget, scores.device)
         ids = self.chunk_ids(prompt_length, scores.device)
         n_chunks = int(ids[-1]) + 1
         free = scores.float().masked_fill(protected, float("nan"))
@@ -88,19 +91,13 @@ class ChunkSelector(TopKSelector):
         else:
             chunk_score = torch.full((*free.shape[:2], n_chunks), float("-inf"), device=free.device)
             chunk_score = chunk_score.scatter_reduce(-1, index, free.nan_to_num(float("-inf")), "amax")
-        chunk_rank = chunk_score.argsort(dim=-1, descending=True).argsort(dim=-1)  # 0 = best chunk
-        within = _unit_interval(free.nan_to_num(float("-inf")))
-        priority = (n_chunks - chunk_rank.gather(-1, index)).float() + 0.5 * within
-        return super().select(priority.masked_fill(protected, float("inf")), budget)
-
-
-def _unit_interval(scores: torch.Tensor) -> torch.Tensor:
-    """Scores mapped monotonically into [0, 1) per head (−inf → 0), to break ties inside a chunk."""
-    finite = scores.masked_fill(~torch.isfinite(scores), float("nan"))
-    low = finite.nan_to_num(float("inf")).amin(dim=-1, keepdim=True)
-    high = finite.nan_to_num(float("-inf")).amax(dim=-1, keepdim=True)
-    scaled = (finite - low) / (high - low + 1e-12)
-    return scaled.nan_to_num(0.0).clamp(0, 0.999)
+        chunk_rank = chunk_score.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # 0 = best
+        token_rank = chunk_rank.gather(-1, index).masked_fill(protected, -1)  # protected tokens come first
+        # lexicographic order: chunk rank, then the token's own score inside its chunk
+        by_score = free.nan_to_num(float("inf")).argsort(dim=-1, descending=True, stable=True)
+        by_chunk = token_rank.gather(-1, by_score).argsort(dim=-1, stable=True)
+        kept = by_score.gather(-1, by_chunk)[..., :budget]
+        return kept.sort(dim=-1).values
 
 
 @hookimpl

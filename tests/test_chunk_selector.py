@@ -30,7 +30,7 @@ def naive_chunk_selection(scores: list[float], budget: int, size: int, sinks: in
     return sorted(kept)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     length=st.integers(5, 90),
     size=st.integers(1, 12),
