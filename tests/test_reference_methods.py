@@ -24,6 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from kvpress_like import build
+from kvpress_like.compat import cache_kwarg, model_inputs
 from kvpress_like.plugins import get_registry
 from kvpress_like.testing import make_model
 
@@ -97,7 +98,7 @@ def reference_forward(arch: str, length: int, pseudo: bool, seed: int = 0) -> Re
     tokens = torch.cat([ids, pseudo_ids(ids)], dim=1) if pseudo else ids
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        out = model(input_ids=tokens, cache=cache, output_attentions=True, output_hidden_states=True, use_cache=True)
+        out = model(input_ids=tokens, output_attentions=True, output_hidden_states=True, **model_inputs(model, cache))
     layers = cache.layers
     return Reference(
         ids=ids,
@@ -716,6 +717,6 @@ def test_budget_covering_the_prompt_generates_like_no_compression(method, arch):
         assert layer.kept_counts.eq(length).all()
     first = result.next_token_logits.argmax(-1, keepdim=True)
     extended = torch.cat([ids, first], dim=1)
-    out = model.generate(extended, attention_mask=torch.ones_like(extended), cache=result.cache,
+    out = model.generate(extended, attention_mask=torch.ones_like(extended), **{cache_kwarg(model): result.cache},
                          max_new_tokens=new_tokens - 1, do_sample=False)
     assert torch.equal(out, expected)
