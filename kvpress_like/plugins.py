@@ -41,6 +41,7 @@ BUILTIN_PLUGINS = (
     "kvpress_like.methods.critical",
     "kvpress_like.methods.ada",
     "kvpress_like.methods.chunked",
+    "kvpress_like.methods.dapq_plus",
 )
 
 _REGISTRATION_HOOKS = {

@@ -41,7 +41,7 @@ MAX_NEAR_TIES = 3  # per (sequence, head): more would make the comparison too lo
 
 # Every built-in method has a reference test below (see test_every_registered_method_is_covered).
 METHODS = [
-    "ada_dapq", "ada_snapkv", "critical_dapq", "critical_snapkv", "dapq", "dapq_chunk", "dapq_pyramid",
+    "ada_dapq", "ada_snapkv", "critical_dapq", "critical_snapkv", "dapq", "dapq_chunk", "dapq_plus", "dapq_pyramid",
     "expected_attention", "full", "h2o", "knorm", "pyramidkv", "random", "snapkv", "snapkv_chunk",
     "streaming_llm", "tova",
 ]
@@ -669,6 +669,19 @@ def test_chunk_matches_reference(method, arch, length, budget):
     protected = set(range(length - WINDOW, length)) if "snapkv" in method else set()
     for layer in range(n_layers(arch)):
         expected = chunk_reference(scores_for(method, arch, ref, layer), budget, protected)
+        assert_masks_match(dense_mask(report, layer, length, budget), expected, what=f"layer {layer}")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("length", "budget"), [(128, 60), (100, 45)])
+def test_dapq_plus_matches_reference(arch, length, budget):
+    """dapq_plus: DapQ scores avg-pooled (kernel 7) over every key, chunks of 16, 4 sinks + last 32 kept."""
+    ref = reference_forward(arch, length, pseudo=True)
+    report = run("dapq_plus", arch, length, budget).report
+    protected = set(range(4)) | set(range(length - WINDOW, length))
+    for layer in range(n_layers(arch)):
+        scores = zero_padded_avg_pool(dapq_scores(arch, ref, layer), KERNEL)
+        expected = chunk_reference(scores, budget, protected)
         assert_masks_match(dense_mask(report, layer, length, budget), expected, what=f"layer {layer}")
 
 
