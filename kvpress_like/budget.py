@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 _VALID = (
     "a budget is a positive int of tokens (256), a float ratio in (0, 1] (0.03) "
@@ -33,6 +33,13 @@ class Budget(BaseModel):
         if isinstance(value, dict):
             return value
         return _parse_scalar(value)
+
+    @field_validator("tokens", "ratio", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(f"got {value!r}; {_VALID}")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> Budget:

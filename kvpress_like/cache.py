@@ -29,7 +29,11 @@ class CompressedCache(DynamicCache):
         return super().get_seq_length(layer_idx)
 
     def physical_length(self, layer_idx: int) -> int:
-        return super().get_seq_length(layer_idx)
+        """Rows held by a layer (the longest head of a ragged layer); sliding layers hold at most a window."""
+        layer = self.layers[layer_idx]
+        if isinstance(layer, RaggedLayer):
+            return layer.get_seq_length()
+        return 0 if layer.keys is None or not layer.is_initialized else layer.keys.shape[-2]
 
     def full_attention_lengths(self) -> list[int]:
         """Physical lengths of the dense full-attention layers (not sliding-window, not ragged)."""

@@ -59,7 +59,7 @@ def build_from_spec(spec: dict[str, Any] | str | Path) -> Pipeline:
         raise ConfigError(f"a spec without 'method' must name its {' and '.join(missing)}")
     defaults = {"allocator": PartChoice(name="uniform"), "selector": PartChoice(name="topk")}
     choices = {kind: _merge(kind, defaults.get(kind), parts.get(kind)) for kind in PART_KINDS}
-    return _assemble("custom", spec.get("budget"), choices)
+    return _assemble(None, spec.get("budget"), choices)
 
 
 def _merge(kind: str, current: PartChoice | None, override: Any) -> PartChoice:
@@ -79,12 +79,14 @@ def _merge(kind: str, current: PartChoice | None, override: Any) -> PartChoice:
     raise ConfigError(f"{kind} must be a part name or a dict of options, got {type(override).__name__}")
 
 
-def _assemble(method: str, budget: Any, choices: dict[str, PartChoice]) -> Pipeline:
+def _assemble(method: str | None, budget: Any, choices: dict[str, PartChoice]) -> Pipeline:
     parts = [_instantiate(kind, choices[kind]) for kind in PART_KINDS]
     allocator = parts[PART_KINDS.index("allocator")]
     if not allocator.uses_budget:
         if budget is not None:
-            raise ConfigError(f"{method!r} keeps every token (allocator {allocator.name!r}); do not pass a budget")
+            raise ConfigError(
+                f"{method or 'this spec'!r} keeps every token (allocator {allocator.name!r}); do not pass a budget"
+            )
         budget = 1.0
     if budget is None:
         raise ConfigError("a budget is required: an int of tokens (256), a ratio (0.03) or a percent ('3%')")

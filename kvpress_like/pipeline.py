@@ -18,7 +18,7 @@ class Pipeline:
 
     def __init__(
         self,
-        method: str,
+        method: str | None,
         budget: Budget,
         window: WindowBuilder,
         scorer: Scorer,
@@ -30,17 +30,25 @@ class Pipeline:
         self.last_report = None
 
     @property
+    def name(self) -> str:
+        """The registered method this pipeline was built from, or ``custom`` for a spec without one."""
+        return self.method or "custom"
+
+    @property
     def config(self) -> dict[str, Any]:
         """The fully resolved configuration; ``build_from_spec(pipeline.config)`` rebuilds this pipeline."""
+        config: dict[str, Any] = {} if self.method is None else {"method": self.method}
+        if self.allocator.uses_budget:
+            config["budget"] = self.budget.model_dump(exclude_none=True)
         parts = {p.kind: {"name": p.name, **p.config.model_dump()} for p in self.parts}
-        return {"method": self.method, "budget": self.budget.model_dump(exclude_none=True), **parts}
+        return {**config, **parts}
 
     @property
     def parts(self) -> tuple:
         return (self.window, self.scorer, self.allocator, self.selector)
 
     def __repr__(self) -> str:
-        return f"Pipeline({self.method!r}, budget={self.budget}, parts={list(self.parts)})"
+        return f"Pipeline({self.name!r}, budget={self.budget}, parts={list(self.parts)})"
 
     def prefill(
         self,

@@ -87,7 +87,7 @@ _KIND_LABEL = {"window": "window builder", "scorer": "scorer", "allocator": "all
 
 _manager: pluggy.PluginManager | None = None
 _registry: Registry | None = None
-_extra_plugins: list[object] = []
+_extra_plugins: list[tuple[object, str | None]] = []
 
 
 def get_plugin_manager() -> pluggy.PluginManager:
@@ -99,8 +99,8 @@ def get_plugin_manager() -> pluggy.PluginManager:
         for module_name in BUILTIN_PLUGINS:
             manager.register(importlib.import_module(module_name), name=module_name)
         manager.load_setuptools_entrypoints(hookspecs.PROJECT)
-        for plugin in _extra_plugins:
-            manager.register(plugin)
+        for plugin, name in _extra_plugins:
+            manager.register(plugin, name=name)
         _manager = manager
     return _manager
 
@@ -108,7 +108,7 @@ def get_plugin_manager() -> pluggy.PluginManager:
 def register_plugin(plugin: object, name: str | None = None) -> None:
     """Register a plugin (a module or object with ``@hookimpl`` functions) for this process."""
     global _registry
-    _extra_plugins.append(plugin)
+    _extra_plugins.append((plugin, name))
     if _manager is not None:
         _manager.register(plugin, name=name)
     _registry = None
@@ -117,8 +117,7 @@ def register_plugin(plugin: object, name: str | None = None) -> None:
 def unregister_plugin(plugin: object) -> None:
     """Undo :func:`register_plugin`."""
     global _registry
-    if plugin in _extra_plugins:
-        _extra_plugins.remove(plugin)
+    _extra_plugins[:] = [(p, n) for p, n in _extra_plugins if p is not plugin]
     if _manager is not None and _manager.is_registered(plugin):
         _manager.unregister(plugin)
     _registry = None

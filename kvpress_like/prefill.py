@@ -50,6 +50,13 @@ def prefill_many(
     length = input_ids.shape[1]
     shared = CompressedCache(model.config)
     compressible = [i for i, layer in enumerate(shared.layers) if not getattr(layer, "is_sliding", False)]
+    if not compressible:
+        raise UnsupportedModelError(
+            f"every attention layer of this {type(model).__name__} uses a sliding window "
+            f"(sliding_window={getattr(model.config, 'sliding_window', None)}); kvpress_like compresses "
+            "full-attention layers only. If your prompts are shorter than the window, load the model with "
+            "sliding_window=None"
+        )
     jobs = [_make_compressor(p, model, adapter, input_ids, question_span, shared, compressible) for p in pipelines]
     _check_backend(model, jobs)
 
@@ -88,7 +95,7 @@ def _make_compressor(pipeline, model, adapter: ModelAdapter, input_ids, question
     budget = pipeline.budget.resolve(plan.prompt_length)
     layer_budgets = pipeline.allocator.layer_budgets(len(compressible), plan.prompt_length, budget)
     report = CompressionReport(
-        pipeline.method, plan.prompt_length, budget,
+        pipeline.name, plan.prompt_length, budget,
         uncompressed_layers=[i for i in range(len(shared.layers)) if i not in compressible],
     )
     return LayerCompressor(
@@ -112,7 +119,7 @@ def _check_backend(model, jobs: list[LayerCompressor]) -> None:
         lengths = {min(budget, job.plan.prompt_length) for budget in job.budgets.values()}
         if len(lengths) > 1 and backend == "eager":
             raise UnsupportedModelError(
-                f"{job.pipeline.method!r} gives layers different budgets, which the eager attention backend "
+                f"{job.pipeline.name!r} gives layers different budgets, which the eager attention backend "
                 "cannot mask (it builds one mask for all layers); load the model with attn_implementation='sdpa'"
             )
 

@@ -98,3 +98,18 @@ def assert_topk_matches(kept: torch.Tensor, scores: torch.Tensor, rtol: float = 
             assert len(chosen) == k, f"duplicate indices in batch {b} head {h}"
             assert must <= chosen, f"batch {b} head {h}: missed {sorted(must - chosen)}"
             assert chosen <= allowed, f"batch {b} head {h}: wrongly kept {sorted(chosen - allowed)}"
+
+
+@pytest.fixture(scope="module")
+def single_threaded_torch():
+    """Run a module's tiny-model tests on one intra-op thread, then restore the previous setting.
+
+    The tiny models gain nothing from threads, and on a 2-core machine shared with other work,
+    OpenMP threads fighting for cores made a 2-layer forward ~100x slower (2 ms -> 300 ms).
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

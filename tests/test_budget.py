@@ -64,11 +64,6 @@ def test_rejected_budgets_say_what_is_valid(value):
     assert any(hint in str(info.value) for hint in VALID_HINTS), str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the mapping form (used by pipeline.config and YAML specs) accepts booleans: "
-    "{'tokens': True} becomes a 1-token budget although the scalar True is rejected",
-)
 @pytest.mark.parametrize("value", [{"tokens": True}, {"ratio": True}], ids=repr)
 def test_mapping_form_rejects_booleans_like_the_scalar_form(value):
     with pytest.raises(ValidationError):
