@@ -42,11 +42,13 @@ class SuffixWindow(WindowBuilder):
 
 class PseudoContentConfig(PartConfig):
     n_pseudo: int = Field(32, ge=1, description="N, the number of pseudo tokens appended after the prompt")
-    content: Literal["prefix_suffix", "random"] = Field(
+    content: Literal["prefix_suffix", "random", "repeat"] = Field(
         "prefix_suffix",
         description="prefix_suffix: the first `prefix` and last N-`prefix` prompt ids (paper §5.1); "
-        "random: N prompt ids drawn uniformly with `seed`",
+        "random: N prompt ids drawn uniformly with `seed`; repeat: N copies of `filler_id` "
+        "(default: the prompt's first id), content that copies no prompt span",
     )
+    filler_id: int | None = Field(None, ge=0, description="token id repeated by content='repeat'")
     prefix: int = Field(4, ge=0, description="how many leading prompt ids open the pseudo content")
     seed: int = Field(0, description="seed of the `random` content")
 
@@ -64,6 +66,9 @@ def pseudo_content(input_ids: torch.Tensor, config: PseudoContentConfig) -> torc
     """
     length = input_ids.shape[1]
     n, m = config.n_pseudo, config.prefix
+    if config.content == "repeat":
+        filler = input_ids[:, :1] if config.filler_id is None else torch.full_like(input_ids[:, :1], config.filler_id)
+        return filler.expand(-1, n).clone()
     if config.content == "prefix_suffix":
         index = torch.cat([torch.arange(m), torch.arange(length - (n - m), length)]) % length
     else:
