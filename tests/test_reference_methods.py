@@ -675,12 +675,15 @@ def test_chunk_matches_reference(method, arch, length, budget):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize(("length", "budget"), [(128, 60), (100, 45)])
 def test_dapq_plus_matches_reference(arch, length, budget):
-    """dapq_plus: DapQ scores avg-pooled (kernel 7) over every key, chunks of 16, 4 sinks + last 32 kept."""
+    """dapq_plus: the last 32 prompt rows and the 32 pseudo rows score together, GQA mean, avg-pooled (kernel 7)
+    over the keys before the window, chunks of 16, 4 sinks + last 32 kept."""
     ref = reference_forward(arch, length, pseudo=True)
     report = run("dapq_plus", arch, length, budget).report
     protected = set(range(4)) | set(range(length - WINDOW, length))
+    start = length - WINDOW
     for layer in range(n_layers(arch)):
-        scores = zero_padded_avg_pool(dapq_scores(arch, ref, layer), KERNEL)
+        raw = group_mean(received_attention(ref, layer, range(start, length + WINDOW)), kv_heads(arch))
+        scores = torch.cat([zero_padded_avg_pool(raw[..., :start], KERNEL), raw[..., start:]], dim=-1)
         expected = chunk_reference(scores, budget, protected)
         assert_masks_match(dense_mask(report, layer, length, budget), expected, what=f"layer {layer}")
 
