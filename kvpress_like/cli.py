@@ -1,15 +1,36 @@
-"""The ``kvpress-like`` command line."""
+"""The ``kvpress-like`` command line: ``list``, ``demo``, ``eval``, ``ablate``, ``bench``, ``probe``.
+
+On a busy CPU, set ``OMP_WAIT_POLICY=PASSIVE`` in the environment (it must be set before torch starts):
+OpenMP threads that spin while another process holds the cores made every forward up to 10× slower here.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
+from pathlib import Path
 
 from kvpress_like.catalog import format_catalog, list_parts
 
 
-def main(argv: list[str] | None = None) -> int:
+def _json_or_name(text: str):
+    """A part override from the command line: a JSON object (``{"pooling": "avg"}``) or a part name."""
+    text = text.strip()
+    if text.startswith("{"):
+        return json.loads(text)
+    return text
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="embedded model name or a local transformers folder")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvpress-like", description="KV-cache compression for transformers.")
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("list", help="show every registered method and part with its options")
@@ -19,7 +40,64 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--context-tokens", type=int, default=1500)
     demo.add_argument("--depth", type=float, default=0.5)
     demo.add_argument("--seed", type=int, default=3)
+
+    ev = commands.add_parser("eval", help="evaluate methods × budgets on generated tasks or a JSONL of samples")
+    _model_options(ev)
+    ev.add_argument("--method", action="append",
+                    help="registered method (repeatable; default dapq; 'full' = the reference)")
+    ev.add_argument("--budget", action="append",
+                    help="budget: tokens (256), ratio (0.1) or percent ('10%%'); repeatable")
+    for kind in ("window", "scorer", "allocator", "selector"):
+        ev.add_argument(f"--{kind}", type=_json_or_name,
+                        help=f"{kind} override for every method: a name or JSON options")
+    ev.add_argument("--task", action="append", help="task name (repeatable; default single_needle)")
+    ev.add_argument("--data", help="JSONL of samples to evaluate instead of generated tasks")
+    ev.add_argument("--length", type=int, action="append", help="context tokens (repeatable; default 1024)")
+    ev.add_argument("--depths", type=float, nargs="+", help="needle depths cycled through the samples")
+    ev.add_argument("--samples", type=int, default=10, help="samples per task and length")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--protocol", action="append", choices=["question_aware", "query_agnostic"],
+                    help="protocol (repeatable; default both)")
+    ev.add_argument("--max-new-tokens", type=int, help="cap on answer tokens (default: each task's own cap)")
+    ev.add_argument("--no-answer-prefix", action="store_true", help="do not open the assistant turn with a prefix")
+    ev.add_argument("--no-attention-metrics", action="store_true", help="skip attention recall / similarity")
+    ev.add_argument("--save-samples", help="also write the generated samples to this JSONL file")
+    ev.add_argument("--out", default="results/eval", help="output folder (resumable)")
+
+    ab = commands.add_parser("ablate", help="run (or resume) a YAML grid: methods × windows × budgets × lengths × …")
+    ab.add_argument("grid", help="YAML grid file (see kvpress_like.eval.runner)")
+    ab.add_argument("--out", help="output folder (default results/<grid name>); finished cells are skipped")
+    ab.add_argument("--samples", type=int, help="override the grid's samples per task and length")
+    ab.add_argument("--limit", type=int, help="run at most this many cells now (for timing a grid)")
+    ab.add_argument("--threads", type=int, default=None)
+    ab.add_argument("--no-progress", action="store_true")
+
+    be = commands.add_parser("bench", help="prefill/compression time ratio, decode ms/token, cache bytes, peak memory")
+    _model_options(be)
+    be.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
+    be.add_argument("--methods", nargs="+", default=["all"], help="registered methods ('all' = every one but full)")
+    be.add_argument("--budget", default="256", help="budget of every method (default 256 tokens, as the paper)")
+    be.add_argument("--repeats", type=int, default=3)
+    be.add_argument("--decode-tokens", type=int, default=32)
+    be.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    be.add_argument("--out", default="results/bench")
+
+    pr = commands.add_parser("probe", help="'where > what': the DapQ paper's Table 1 and window recall on a model")
+    _model_options(pr)
+    pr.add_argument("--length", type=int, default=2048, help="context tokens of each sample")
+    pr.add_argument("--samples", type=int, default=16)
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--n-true", type=int, default=32, help="true decoding tokens (and pseudo tokens) compared")
+    pr.add_argument("--window-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    pr.add_argument("--budgets", nargs="+", default=["5%", "10%", "20%"])
+    pr.add_argument("--out", default="results/probe")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    command = "kvpress-like " + shlex.join(sys.argv[1:] if argv is None else argv)
 
     if args.command == "list":
         catalog = list_parts()
@@ -28,6 +106,101 @@ def main(argv: list[str] | None = None) -> int:
         from kvpress_like.demo import run_demo
 
         print(run_demo(args.model, args.context_tokens, args.depth, args.seed))
+    elif args.command == "eval":
+        return _eval(args, command)
+    elif args.command == "ablate":
+        return _ablate(args, command)
+    elif args.command == "bench":
+        return _bench(args, command)
+    elif args.command == "probe":
+        return _probe(args, command)
+    return 0
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _load(args):
+    import torch
+
+    from kvpress_like.models import load_model
+
+    _set_threads(args.threads)
+    return load_model(args.model, dtype=getattr(torch, args.dtype))
+
+
+def _eval(args, command: str) -> int:
+    from kvpress_like.eval.runner import parse_grid, run_grid
+    from kvpress_like.eval.tasks import DEFAULT_DEPTHS, make_samples, save_jsonl
+
+    overrides = {k: getattr(args, k) for k in ("window", "scorer", "allocator", "selector") if getattr(args, k)}
+    methods = [{"method": m, **({} if m == "full" else overrides)} for m in (args.method or ["dapq"])]
+    raw = {
+        "name": "eval", "model": args.model, "dtype": args.dtype,
+        "tasks": args.task or ["single_needle"], "data": args.data, "lengths": args.length or [1024],
+        "depths": args.depths or list(DEFAULT_DEPTHS), "samples": args.samples, "seed": args.seed,
+        "protocols": args.protocol or ["question_aware", "query_agnostic"], "budgets": args.budget or ["10%"],
+        "methods": methods, "max_new_tokens": args.max_new_tokens, "answer_prefix": not args.no_answer_prefix,
+        "attention_metrics": not args.no_attention_metrics, "threads": args.threads,
+    }
+    grid = parse_grid(raw, "eval options")
+    model, tokenizer = _load(args)
+    if args.save_samples and not args.data:
+        samples = [s for t in grid.tasks for n in grid.lengths
+                   for s in make_samples(tokenizer, t.name, n, grid.samples, grid.seed, grid.depths, **t.options)]
+        print(f"wrote {len(samples)} samples to {save_jsonl(samples, args.save_samples)}")
+    run_grid(grid, args.out, model, tokenizer, progress=not args.no_progress, command=command)
+    print((Path(args.out) / "summary.md").read_text())
+    return 0
+
+
+def _ablate(args, command: str) -> int:
+    from kvpress_like.eval.runner import load_grid, run_grid
+
+    grid = load_grid(args.grid, samples=args.samples, threads=args.threads)
+    out = args.out or str(Path("results") / grid.name)
+    summary = run_grid(grid, out, progress=not args.no_progress, limit=args.limit, command=command)
+    timing = summary["timing"]
+    print(f"{timing['cells']} cells in {out} ({timing['cells_run_now']} run now in {timing['run_seconds_now']} s; "
+          f"{timing['cell_seconds_mean']} s per cell); summary: {Path(out) / 'summary.md'}")
+    return 0
+
+
+def _bench(args, command: str) -> int:
+    from kvpress_like.eval.bench import bench_markdown, run_bench, write_bench
+    from kvpress_like.eval.runner import MethodEntry, _budget_value, takes_no_budget
+    from kvpress_like.factory import build
+    from kvpress_like.plugins import get_registry
+
+    names = args.methods
+    if names == ["all"]:
+        names = sorted(get_registry().methods)
+    methods = []
+    for name in names:
+        if takes_no_budget(MethodEntry(method=name)):
+            continue  # the full cache is the baseline of every ratio
+        methods.append((name, build(name, budget=_budget_value(args.budget))))
+    model, tokenizer = _load(args)
+    result = run_bench(model, tokenizer, methods, args.lengths, args.repeats, args.decode_tokens,
+                       memory=not args.no_memory, progress=not args.no_progress)
+    write_bench(result, args.out, args.model, command)
+    print(bench_markdown(result, args.model, command))
+    return 0
+
+
+def _probe(args, command: str) -> int:
+    from kvpress_like.eval.probe import ProbeSettings, probe_markdown, run_probe, write_probe
+
+    model, tokenizer = _load(args)
+    settings = ProbeSettings(length=args.length, samples=args.samples, seed=args.seed, n_true=args.n_true,
+                             window_sizes=tuple(args.window_sizes), budgets=tuple(args.budgets))
+    result = run_probe(model, tokenizer, settings, progress=not args.no_progress)
+    write_probe(result, args.out, args.model, command)
+    print(probe_markdown(result, args.model, command))
     return 0
 
 

@@ -1,0 +1,334 @@
+"""Evaluate one sample under one protocol with any number of (method, budget) candidates.
+
+Cost model (CPU, small model): the prompt forward dominates, so it is paid once per sample and
+protocol (:func:`kvpress_like.prefill.prefill_many`) and shared by the full-cache reference and every
+candidate. Then, per group of candidates whose compressed caches have identical shapes (the same
+budget under uniform allocation), one batched forward feeds the full-cache answer (teacher forcing)
+and gives the next-token distributions along it. A candidate whose greedy choice agrees with the
+full-cache answer at every step provably produces that answer; only the others are decoded (batched).
+
+Per candidate the row holds: the answer and its correctness, token match rate with the full-cache
+answer, mean KL(full ‖ method) along it, attention recall per layer (share of the true decoding
+queries' attention mass on kept tokens) and attention similarity per layer (cosine of the window's
+attention with the true decoding attention; a property of the window, equal across budgets).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kvpress_like.cache import CompressedCache
+from kvpress_like.errors import ConfigError
+from kvpress_like.eval import metrics
+from kvpress_like.eval.capture import QueryCapture
+from kvpress_like.eval.protocols import fork, greedy, logits_along, prepare, select_rows, signature, stack
+from kvpress_like.pipeline import Pipeline, eos_ids
+from kvpress_like.prefill import prefill_many
+from kvpress_like.scorers.attention import window_attention
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Candidate:
+    """One cell of an ablation: a label for the method configuration, the budget as written, the pipeline."""
+
+    label: str
+    budget: str
+    pipeline: Pipeline
+
+
+@dataclass
+class SampleResult:
+    reference: dict[str, Any]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def reference_pipeline() -> Pipeline:
+    """The full-cache reference: the ``full`` method when registered, else a no-op 100% budget pipeline."""
+    from kvpress_like.factory import build
+    from kvpress_like.plugins import get_registry
+
+    if "full" in get_registry().methods:
+        try:
+            return build("full")
+        except ConfigError:  # a `full` method that wants a budget
+            return build("full", budget="100%")
+    return build("dapq", budget="100%", window="suffix")  # budget >= L: nothing scored, nothing evicted
+
+
+MAX_RECORDED_WINDOW = 256  # larger windows (H2O's whole prompt) would cost an L x L attention: not recorded
+
+
+class _SharedScorer:
+    """Wraps a candidate's scorer for one sample: records the window's attention, shares scores across budgets.
+
+    * Attention similarity: once per window configuration and layer, the window's mean attention over
+      the prompt (``[kv_heads, group, L]``) is recorded (windows of at most ``MAX_RECORDED_WINDOW`` queries).
+    * Sharing: within one sample the scores of a layer are a function of the prompt, the window and the
+      scorer configuration only, so candidates that differ only in their budget reuse the first one's
+      scores instead of recomputing them (seven budgets cost one scoring). Scorers whose ``score`` reads
+      the budget (e.g. two-stage selections) are never shared.
+    """
+
+    def __init__(self, inner, windows: dict | None, memo: dict | None, window_key: str):
+        self._inner, self._windows, self._memo, self._window_key = inner, windows, memo, window_key
+        self._share = memo is not None and _budget_free(type(inner))
+        self._key = (window_key, type(inner).__name__, inner.config.model_dump_json())
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    def score(self, ctx):
+        if self._windows is not None and 0 < ctx.queries.shape[2] <= MAX_RECORDED_WINDOW:
+            layers = self._windows.setdefault(self._window_key, {})
+            if ctx.layer_idx not in layers:
+                layers[ctx.layer_idx] = window_attention(ctx).mean(dim=3)[0]  # [kv_heads, group, L]
+        if not self._share:
+            return self._inner.score(ctx)
+        key = (*self._key, ctx.layer_idx, ctx.prompt_length)
+        if key not in self._memo:
+            self._memo[key] = self._inner.score(ctx)
+        return self._memo[key].clone()  # a selector may work in place
+
+
+def _budget_free(scorer_class) -> bool:
+    import inspect
+
+    try:
+        return "budget" not in inspect.getsource(scorer_class.score)
+    except (OSError, TypeError):
+        return False
+
+
+def _window_key(pipeline: Pipeline) -> str:
+    return f"{pipeline.window.name}:{pipeline.window.config.model_dump_json()}"
+
+
+def preflight(model, pipeline: Pipeline, ids: torch.Tensor, span) -> str | None:
+    """Catch, before the shared forward, a configuration that cannot run on this prompt; returns the error."""
+    try:
+        plan = pipeline.window.plan(ids, span)
+        budget = pipeline.budget.resolve(plan.prompt_length)
+        layers = sum(1 for layer in CompressedCache(model.config).layers if not getattr(layer, "is_sliding", False))
+        smallest = min(pipeline.allocator.layer_budgets(layers, plan.prompt_length, budget))
+        if smallest < plan.prompt_length:
+            pipeline.selector.select(torch.rand(1, 1, plan.prompt_length), smallest)
+    except Exception as error:  # any part may refuse a prompt; the cell records why
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def _kept_mask(layer_report, prompt_length: int) -> torch.Tensor:
+    if hasattr(layer_report, "kept_mask"):
+        return layer_report.kept_mask(prompt_length)
+    kept = layer_report.kept_indices
+    mask = torch.zeros(*kept.shape[:2], prompt_length, dtype=torch.bool)
+    return mask.scatter_(-1, kept.cpu(), True)
+
+
+@torch.no_grad()
+def evaluate_sample(
+    model,
+    tokenizer,
+    sample,
+    protocol: str,
+    candidates: list[Candidate],
+    *,
+    answer_prefix: bool = True,
+    max_new_tokens: int | None = None,
+    attention_metrics: bool = True,
+    batch: bool = True,
+    share_scores: bool = True,
+) -> SampleResult:
+    """Run the reference and every candidate on ``sample`` under ``protocol``; one row per candidate."""
+    started = time.perf_counter()
+    prompt = prepare(tokenizer, sample, protocol, answer_prefix)
+    ids = prompt.input_ids.to(model.device)
+    total, compressed = prompt.length, prompt.compress_length
+    head, rest = ids[:, :compressed], ids[:, compressed:]
+    max_new = max_new_tokens or sample.max_new_tokens
+    eos = eos_ids(model, tokenizer)
+
+    errors = {id(c): preflight(model, c.pipeline, head, prompt.question_span) for c in candidates}
+    runnable = [c for c in candidates if errors[id(c)] is None]
+    windows: dict[str, dict[int, torch.Tensor]] = {}
+    reference = reference_pipeline()
+    results = _prefill(model, head, [reference] + [c.pipeline for c in runnable], prompt.question_span,
+                       windows if attention_metrics else None, errors, runnable, share_scores)
+    ref = results[0]
+    timing = {"prefill_all": time.perf_counter() - started}
+
+    # The full-cache reference: rows after the compressed part, greedy answer, teacher-forced replay.
+    capture = QueryCapture(model, prefix=compressed) if attention_metrics else None
+    ref_cache = ref.cache
+    with capture or _null():
+        logits0 = logits_along(model, ref_cache, rest, compressed)[:, -1] if rest.shape[1] else ref.next_token_logits
+        if capture:
+            capture.enabled = False
+        (answer,) = greedy(model, fork(ref_cache), logits0, total, max_new, eos)
+        if capture:
+            capture.enabled = True
+        replay = logits_along(model, fork(ref_cache), torch.tensor([answer], device=model.device), total)
+    ref_logits = torch.cat([logits0[:, None], replay[:, :-1]], dim=1)[0]  # [n, V]: predicts answer[i]
+    ref_text = tokenizer.decode(answer, skip_special_tokens=True)
+    timing["reference"] = time.perf_counter() - started - timing["prefill_all"]
+    out = SampleResult(
+        reference={
+            "answer": ref_text, "correct": sample.is_correct(ref_text), "score": sample.score(ref_text),
+            "answer_tokens": len(answer), "prompt_tokens": total, "compressed_tokens": compressed,
+            "prefill_seconds": ref.report.prefill_seconds,
+        }
+    )
+    true_mass = {layer: m[0] for layer, m in capture.mass.items()} if capture else {}
+    similarity = {key: _similarity(layers, true_mass) for key, layers in windows.items()}
+
+    # Candidates, grouped by cache shape so that each group runs batched.
+    by_candidate: dict[int, dict[str, Any]] = {}
+    pairs = [(c, r) for c, r in zip(runnable, results[1:], strict=True) if r is not None]
+    for group in _groups(pairs, batch):
+        _run_group(model, tokenizer, sample, group, rest, compressed, total, answer, ref_logits, max_new, eos,
+                   by_candidate)
+    timing["candidates"] = time.perf_counter() - started - timing["prefill_all"] - timing["reference"]
+    out.reference["timing"] = {k: round(v, 3) for k, v in timing.items()}
+    for candidate in candidates:
+        row = {"label": candidate.label, "method": candidate.pipeline.method, "budget": candidate.budget}
+        if id(candidate) in by_candidate:
+            result = next(r for c, r in pairs if c is candidate)
+            row.update(by_candidate[id(candidate)])
+            row.update(_report_fields(result.report, compressed))
+            if attention_metrics:
+                row.update(_recall_fields(result.report, true_mass, compressed))
+                layers_sim = similarity.get(_window_key(candidate.pipeline), {})
+                row["similarity_layers"] = (
+                    [_round(layers_sim.get(i)) for i in sorted(true_mass)] if layers_sim else None
+                )
+                row["similarity"] = _mean(list(layers_sim.values())) if layers_sim else None
+            row["error"] = None
+        else:
+            row["error"] = errors.get(id(candidate)) or "prefill failed"
+        out.rows.append(row)
+    out.seconds = time.perf_counter() - started
+    return out
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _prefill(model, head, pipelines, span, windows, errors, runnable, share_scores=True):
+    """``prefill_many`` with window recording; if the shared run fails, each pipeline runs on its own."""
+    wrapped, memo = [], {} if share_scores else None
+    for pipeline in pipelines[1:]:
+        wrapped.append((pipeline, pipeline.scorer))
+        pipeline.scorer = _SharedScorer(pipeline.scorer, windows, memo, _window_key(pipeline))
+    try:
+        try:
+            return prefill_many(model, head, pipelines, question_span=span)
+        except Exception as error:  # one bad configuration must not sink the whole cell
+            log.warning("shared prefill failed (%s); running the %d pipelines one by one", error, len(pipelines))
+        results = prefill_many(model, head, pipelines[:1], question_span=span)
+        for candidate, pipeline in zip(runnable, pipelines[1:], strict=True):
+            try:
+                results += prefill_many(model, head, [pipeline], question_span=span)
+            except Exception as error:
+                errors[id(candidate)] = f"{type(error).__name__}: {error}"
+                results.append(None)
+        return results
+    finally:
+        for pipeline, scorer in wrapped:
+            pipeline.scorer = scorer
+
+
+def _similarity(window_layers: dict[int, torch.Tensor], true_mass: dict[int, torch.Tensor]) -> dict[int, float]:
+    return {
+        layer: metrics.attention_similarity(attn, true_mass[layer])
+        for layer, attn in window_layers.items()
+        if layer in true_mass and attn.shape == true_mass[layer].shape
+    }
+
+
+def _groups(pairs, batch: bool):
+    if not batch:
+        return [[p] for p in pairs]
+    groups: dict[Any, list] = {}
+    for index, (candidate, result) in enumerate(pairs):
+        key = signature(result.cache)
+        groups.setdefault(key if key is not None else ("single", index), []).append((candidate, result))
+    return list(groups.values())
+
+
+def _run_group(model, tokenizer, sample, group, rest, compressed, total, answer, ref_logits, max_new, eos, out):
+    cache = stack(model, [fork(r.cache) for _, r in group]) if len(group) > 1 else fork(group[0][1].cache)
+    size = len(group)
+    if rest.shape[1]:
+        first = logits_along(model, cache, rest.expand(size, -1), compressed)[:, -1]
+    else:
+        first = torch.cat([r.next_token_logits for _, r in group], dim=0)
+    answer_ids = torch.tensor([answer], device=model.device)
+    if len(answer) > 1:
+        replay = logits_along(model, fork(cache), answer_ids[:, :-1].expand(size, -1), total)
+        along = torch.cat([first[:, None], replay], dim=1)
+    else:
+        along = first[:, None]
+    kl = metrics.kl_divergence(ref_logits[None].expand_as(along), along)  # [size, n]
+    agrees = (along.argmax(-1) == answer_ids).all(-1)
+    answers: list[list[int] | None] = [list(answer) if bool(a) else None for a in agrees]
+    diverged = [i for i, a in enumerate(answers) if a is None]
+    if diverged:
+        decoded = greedy(model, select_rows(model, cache, diverged) if size > 1 else fork(cache),
+                         first[diverged], total, max_new, eos)
+        for i, tokens in zip(diverged, decoded, strict=True):
+            answers[i] = tokens
+    for i, (candidate, _) in enumerate(group):
+        text = tokenizer.decode(answers[i], skip_special_tokens=True)
+        out[id(candidate)] = {
+            "answer": text,
+            "correct": sample.is_correct(text),
+            "score": sample.score(text),
+            "token_match": metrics.token_match_rate(answers[i], answer),
+            "kl": float(kl[i].mean()),
+            "kl_max": float(kl[i].max()),
+            "batch_size": size,
+        }
+
+
+def _report_fields(report, compressed: int) -> dict[str, Any]:
+    return {
+        "budget_tokens": report.budget,
+        "cache_bytes": report.cache_bytes_after,
+        "cache_fraction": report.cache_bytes_after / report.cache_bytes_before if report.cache_bytes_before else None,
+        "compress_seconds": report.seconds,
+    }
+
+
+def _recall_fields(report, true_mass: dict[int, torch.Tensor], compressed: int) -> dict[str, Any]:
+    layers = []
+    for layer in sorted(true_mass):
+        if layer in report.layers:
+            mask = _kept_mask(report.layers[layer], compressed)[0]
+            layers.append(metrics.attention_recall(true_mass[layer], mask))
+        else:
+            layers.append(1.0)  # a layer left uncompressed keeps everything
+    return {"recall_layers": [round(v, 5) for v in layers], "recall": _mean(layers)}
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 5)
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(values) / len(values) if values else None
+

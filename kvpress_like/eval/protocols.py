@@ -1,0 +1,162 @@
+"""The two evaluation protocols, and the cache operations the harness needs on top of the core.
+
+* ``question_aware`` — the question (and the answer prefix) is inside the compressed prompt: the whole
+  templated prompt is compressed, the first answer token comes from its last position (DapQ's setting).
+* ``query_agnostic`` — only the context part (template head + context + separator) is compressed; the
+  question, the rest of the template and the answer prefix are fed afterwards through the compressed
+  cache (kvpress's setting: one compressed context serves any later question).
+
+An *answer prefix* (``sample.meta["answer_prefix"]``, e.g. "The special magic number is") opens the
+assistant turn in both protocols, so the model answers in a few tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from kvpress_like.cache import CompressedCache
+from kvpress_like.compat import model_inputs
+from kvpress_like.errors import ConfigError
+from kvpress_like.prompting import build_prompt
+from kvpress_like.ragged import ragged_attention
+
+Protocol = Literal["question_aware", "query_agnostic"]
+PROTOCOLS: tuple[str, ...] = ("question_aware", "query_agnostic")
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """``input_ids`` ``[1, T]`` (prompt + answer prefix); the first ``compress_length`` ids are compressed."""
+
+    input_ids: torch.Tensor
+    compress_length: int
+    question_span: tuple[int, int] | None
+    protocol: str
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.shape[1]
+
+
+def check_protocol(protocol: str) -> str:
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol {protocol!r}; valid protocols are: {', '.join(PROTOCOLS)}")
+    return protocol
+
+
+def prepare(tokenizer, sample, protocol: str, answer_prefix: bool = True) -> PreparedPrompt:
+    """Token ids of ``sample`` under ``protocol`` (chat template applied), with its answer prefix."""
+    check_protocol(protocol)
+    prompt = build_prompt(tokenizer, sample.context, sample.question)
+    ids = prompt.input_ids
+    prefix = sample.answer_prefix if answer_prefix else ""
+    if prefix:
+        prefix_ids = tokenizer.encode(prefix, add_special_tokens=False)
+        ids = torch.cat([ids, torch.tensor([prefix_ids], dtype=torch.long)], dim=1)
+    if protocol == "question_aware":
+        return PreparedPrompt(ids, ids.shape[1], prompt.question_span, protocol)
+    return PreparedPrompt(ids, prompt.context_length, None, protocol)
+
+
+# ------------------------------------------------------------------------------------------------
+# Cache helpers: fork (copy-on-write), stack several caches into one batch, pick rows of a batch.
+# ------------------------------------------------------------------------------------------------
+
+
+def fork(cache: CompressedCache) -> CompressedCache:
+    """A cache whose later updates never touch ``cache`` (tensors shared until they are replaced).
+
+    Dense layers rebind their tensors on update, so a shallow copy of each is enough; any other
+    layer type (e.g. head-adaptive ragged layers, which update lists in place) is deep-copied.
+    """
+    twin = copy.copy(cache)
+    twin.layers = [
+        copy.copy(layer) if isinstance(layer, DynamicLayer) else copy.deepcopy(layer) for layer in cache.layers
+    ]
+    twin.evicted = dict(getattr(cache, "evicted", {}))
+    return twin
+
+
+def signature(cache: CompressedCache) -> tuple | None:
+    """Per-layer physical shapes and logical lengths; ``None`` when the cache cannot be stacked in a batch."""
+    parts = []
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is not DynamicLayer or getattr(layer, "keys", None) is None:
+            return None
+        parts.append((tuple(layer.keys.shape), cache.get_seq_length(i)))
+    return tuple(parts)
+
+
+def stack(model, caches: list[CompressedCache]) -> CompressedCache:
+    """One batched cache from caches of equal :func:`signature` (batch 1 each)."""
+    if len(caches) == 1:
+        return caches[0]
+    out = CompressedCache(model.config)
+    for i in range(len(caches[0].layers)):
+        keys = torch.cat([c.layers[i].keys for c in caches], dim=0)
+        values = torch.cat([c.layers[i].values for c in caches], dim=0)
+        out.replace_layer(i, keys, values, seen=caches[0].get_seq_length(i))
+    return out
+
+
+def select_rows(model, cache: CompressedCache, rows: list[int]) -> CompressedCache:
+    """The batch rows ``rows`` of a stacked cache (a fork when every row is taken)."""
+    if rows == list(range(cache.layers[0].keys.shape[0])):
+        return fork(cache)
+    index = torch.tensor(rows, device=cache.layers[0].keys.device)
+    out = CompressedCache(model.config)
+    for i, layer in enumerate(cache.layers):
+        out.replace_layer(i, layer.keys.index_select(0, index), layer.values.index_select(0, index),
+                          seen=cache.get_seq_length(i))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward helpers that work on every cache the core produces (dense, per-layer uneven, ragged).
+# ------------------------------------------------------------------------------------------------
+
+
+def _step(model, cache, ids: torch.Tensor, start: int, keep_all: bool) -> torch.Tensor:
+    batch, length = ids.shape
+    positions = torch.arange(start, start + length, device=model.device).expand(batch, length)
+    out = model(**model_inputs(model, cache, input_ids=ids.to(model.device), position_ids=positions,
+                               logits_to_keep=0 if keep_all else 1))
+    return out.logits
+
+
+@torch.no_grad()
+def logits_along(model, cache, ids: torch.Tensor, start: int) -> torch.Tensor:
+    """Feed ``ids`` ``[batch, t]`` at positions ``start…`` into ``cache``; logits of every row ``[batch, t, V]``.
+
+    Caches whose layers hold different numbers of rows take the tokens one at a time (one causal mask
+    cannot serve them all); ragged caches run under the ragged attention.
+    """
+    with ragged_attention(model, cache):
+        if not getattr(cache, "uneven", False):
+            return _step(model, cache, ids, start, keep_all=True)
+        return torch.cat([_step(model, cache, ids[:, i : i + 1], start + i, True) for i in range(ids.shape[1])], 1)
+
+
+@torch.no_grad()
+def greedy(model, cache, first_logits: torch.Tensor, start: int, max_new_tokens: int, eos: set[int]) -> list[list[int]]:
+    """Greedy answers of a batch ``[batch, V]``: each row stops at its first EOS or after ``max_new_tokens``."""
+    batch = first_logits.shape[0]
+    answers: list[list[int]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    logits = first_logits
+    with ragged_attention(model, cache):
+        for step in range(max_new_tokens):
+            tokens = logits.argmax(-1)
+            for row in range(batch):
+                if not done[row]:
+                    answers[row].append(int(tokens[row]))
+                    done[row] = answers[row][-1] in eos
+            if all(done) or step == max_new_tokens - 1:
+                break
+            logits = _step(model, cache, tokens[:, None], start + step, keep_all=False)[:, -1]
+    return answers

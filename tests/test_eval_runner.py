@@ -1,0 +1,163 @@
+"""Protocols, the per-sample engine (on a toy model) and resumable grids."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kvpress_like import build
+from kvpress_like.errors import ConfigError
+from kvpress_like.eval import runner
+from kvpress_like.eval.engine import Candidate, evaluate_sample
+from kvpress_like.eval.protocols import prepare
+from kvpress_like.eval.runner import parse_grid, read_cells, run_grid
+from kvpress_like.eval.tasks import TASKS
+from kvpress_like.eval.toy import byte_tokenizer, toy_model
+from kvpress_like.plugins import get_registry
+from kvpress_like.prompting import build_prompt
+
+
+@pytest.fixture(scope="module")
+def toy():
+    model = toy_model(seed=3)
+    return model, byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def sample(toy):
+    return TASKS["passkey"].generate(toy[1], 220, 0.5, 1)
+
+
+def test_prepare_protocols(toy, sample):
+    tokenizer = toy[1]
+    plain = build_prompt(tokenizer, sample.context, sample.question)
+    prefix = tokenizer.encode(sample.answer_prefix, add_special_tokens=False)
+    aware = prepare(tokenizer, sample, "question_aware")
+    agnostic = prepare(tokenizer, sample, "query_agnostic")
+    assert torch.equal(aware.input_ids, agnostic.input_ids)
+    assert aware.input_ids[0, -len(prefix) :].tolist() == prefix
+    assert aware.compress_length == aware.length == plain.input_ids.shape[1] + len(prefix)
+    assert aware.question_span == plain.question_span
+    assert agnostic.compress_length == plain.context_length and agnostic.question_span is None
+    assert prepare(tokenizer, sample, "question_aware", answer_prefix=False).length == plain.input_ids.shape[1]
+    with pytest.raises(ConfigError, match="valid protocols"):
+        prepare(tokenizer, sample, "both")
+
+
+def _candidates(specs):
+    registered = get_registry().methods
+    return [Candidate(label, budget, build(method, budget=budget, **over))
+            for label, method, budget, over in specs if method in registered]
+
+
+SPECS = [
+    ("dapq", "dapq", "100%", {}),
+    ("dapq", "dapq", "20%", {}),
+    ("dapq", "dapq", "40%", {}),  # shares the 20% row's scores
+    ("semantic", "dapq", "20%", {"window": "semantic"}),
+    ("suffix", "dapq", "20%", {"window": "suffix", "scorer": {"pooling": "avg", "kernel": 7}}),
+    ("pyramidkv", "pyramidkv", "40%", {}),  # per-layer budgets: uneven layers
+    ("ada_dapq", "ada_dapq", "40%", {}),  # per-head budgets: ragged layers
+    ("too_small", "dapq", 8, {"selector": {"recent": 32}}),  # cannot run: more protected tokens than budget
+]
+
+
+@pytest.mark.parametrize("protocol", ["question_aware", "query_agnostic"])
+def test_engine_rows_batched_and_shared_equal_one_by_one(toy, sample, protocol):
+    model, tokenizer = toy
+    batched = evaluate_sample(model, tokenizer, sample, protocol, _candidates(SPECS), batch=True)
+    single = evaluate_sample(model, tokenizer, sample, protocol, _candidates(SPECS), batch=False, share_scores=False)
+    timing = ("prefill_seconds", "timing")
+    assert {k: v for k, v in batched.reference.items() if k not in timing} == {
+        k: v for k, v in single.reference.items() if k not in timing
+    }
+    assert max(r.get("batch_size", 1) for r in batched.rows) > 1  # the 20% rows shared a batch
+    for a, b in zip(batched.rows, single.rows, strict=True):
+        assert (a["label"], a["budget"], a["error"]) == (b["label"], b["budget"], b["error"])
+        if a["error"] is None:
+            assert a["answer"] == b["answer"]
+            assert a["kl"] == pytest.approx(b["kl"], abs=1e-4)
+            assert a["recall_layers"] == pytest.approx(b["recall_layers"], abs=1e-6)
+
+    full = batched.rows[0]
+    assert full["answer"] == batched.reference["answer"] and full["token_match"] == 1.0
+    assert full["kl"] == pytest.approx(0.0, abs=1e-6) and full["recall"] == pytest.approx(1.0)
+    compressed = batched.rows[1]
+    assert compressed["recall"] < 1.0 and 0.15 < compressed["cache_fraction"] < 0.25
+    assert compressed["similarity"] is not None and -1.0 <= compressed["similarity"] <= 1.0
+    assert len(compressed["recall_layers"]) == model.config.num_hidden_layers
+    assert "protected tokens" in batched.rows[-1]["error"]
+
+
+def _grid(**extra):
+    raw = {"name": "t", "model": "toy", "tasks": ["passkey"], "lengths": [160], "samples": 2,
+           "protocols": ["question_aware"], "budgets": ["50%"], "methods": ["full", "dapq"], **extra}
+    return parse_grid(raw)
+
+
+def test_grid_resumes_and_runs_only_missing_pairs(toy, tmp_path, monkeypatch):
+    model, tokenizer = toy
+    summary = run_grid(_grid(), tmp_path, model, tokenizer, progress=False)
+    assert summary["timing"]["cells_run_now"] == 2
+    assert len(read_cells(tmp_path / "cells.jsonl")) == 2
+    for name in ("summary.json", "summary.csv", "summary.md", "grid.json"):
+        assert (tmp_path / name).is_file()
+    methods = {(r["method"], r["budget"]) for r in summary["table"]}
+    assert methods == {("full", "100%"), ("dapq", "50%")}
+
+    calls = []
+    real = runner.evaluate_sample
+
+    def spy(model, tokenizer, sample, protocol, candidates, **kwargs):
+        calls.append([c.label for c in candidates])
+        return real(model, tokenizer, sample, protocol, candidates, **kwargs)
+
+    monkeypatch.setattr(runner, "evaluate_sample", spy)
+    again = run_grid(_grid(), tmp_path, model, tokenizer, progress=False)
+    assert calls == [] and again["timing"]["cells_run_now"] == 0  # every cell finished: nothing runs
+
+    wider = _grid(methods=["full", "dapq", {"label": "sem", "method": "dapq", "window": "semantic"}])
+    run_grid(wider, tmp_path, model, tokenizer, progress=False)
+    assert calls == [["sem"], ["sem"]]  # only the new pair, once per cell
+
+    lines = (tmp_path / "cells.jsonl").read_text().splitlines()
+    (tmp_path / "cells.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:40])  # an interrupted write
+    calls.clear()
+    final = run_grid(wider, tmp_path, model, tokenizer, progress=False)
+    assert calls == [["sem"]]
+    assert {(r["method"], r["budget"]) for r in final["table"]} == {("full", "100%"), ("dapq", "50%"), ("sem", "50%")}
+    assert all(r["n"] == 2 for r in final["table"])
+
+
+def test_grid_refuses_to_mix_settings_and_names_bad_entries(toy, tmp_path):
+    model, tokenizer = toy
+    run_grid(_grid(samples=1), tmp_path, model, tokenizer, progress=False)
+    with pytest.raises(ConfigError, match="other settings"):
+        run_grid(_grid(samples=1, answer_prefix=False), tmp_path, model, tokenizer, progress=False)
+    with pytest.raises(ConfigError, match="valid settings"):
+        parse_grid({"lenghts": [1]})
+    with pytest.raises(ConfigError, match="invalid budget"):
+        parse_grid({"budgets": ["150%"]})
+    with pytest.raises(ConfigError, match="dapq"):  # the unknown method's error names the valid ones
+        run_grid(_grid(methods=["nope"]), tmp_path / "other", model, tokenizer, progress=False)
+
+
+def test_windows_axis_multiplies_methods():
+    grid = _grid(methods=["full", "dapq"], windows=[None, "suffix", {"name": "semantic", "position_start": 5}])
+    names = [e.name for e in grid.method_entries()]
+    assert names == ["full", "dapq", "dapq+window=suffix", "dapq+window={name:semantic,position_start:5}"]
+
+
+def test_summary_markdown_reports_ci_and_b95(toy, tmp_path):
+    model, tokenizer = toy
+    grid = _grid(budgets=["25%", "100%"], samples=2)
+    summary = run_grid(grid, tmp_path, model, tokenizer, progress=False)
+    text = (tmp_path / "summary.md").read_text()
+    assert "Wilson 95%" in text and "| dapq |" in text and "B95" in text
+    rows = {(r["method"], r["budget"]): r for r in summary["table"]}
+    assert rows[("dapq", "100%")]["accuracy"] == rows[("full", "100%")]["accuracy"]
+    data = json.loads((tmp_path / "summary.json").read_text())
+    b95 = {r["method"]: r["b95"] for r in data["b95"]}
+    assert b95["dapq"] in ("25%", "100%", None)
