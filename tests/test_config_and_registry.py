@@ -48,7 +48,7 @@ def test_dapq_defaults_follow_the_paper():
     assert config["method"] == "dapq"
     assert config["budget"] == {"tokens": 256}
     assert config["window"] == {"name": "pseudo", "n_pseudo": 32, "content": "prefix_suffix", "prefix": 4,
-                                "seed": 0, "position_offset": 0}
+                                "seed": 0, "filler_id": None, "position_offset": 0}
     assert config["scorer"]["name"] == "attention"
     assert {k: config["scorer"][k] for k in ("aggregation", "gqa", "pooling", "softmax_domain")} == {
         "aggregation": "sum", "gqa": "mean", "pooling": "none", "softmax_domain": "visible"}
@@ -324,7 +324,7 @@ def test_list_parts_contents():
     windows = {entry["name"]: entry for entry in catalog["window"]}
     assert all(windows[name]["plugin"] == "kvpress_like.windows" for name in CORE_WINDOWS)
     assert {k: v["default"] for k, v in windows["pseudo"]["options"].items()} == {
-        "n_pseudo": 32, "content": "prefix_suffix", "prefix": 4, "seed": 0, "position_offset": 0}
+        "n_pseudo": 32, "content": "prefix_suffix", "prefix": 4, "seed": 0, "filler_id": None, "position_offset": 0}
     assert windows["suffix"]["options"]["size"]["default"] == 32
     assert windows["question"]["options"] == {}
     scorer = next(entry for entry in catalog["scorer"] if entry["name"] == "attention")

@@ -23,6 +23,7 @@ def test_wheel_installs_methods_and_scorers_inside_the_package(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "kvpress_like/methods/dapq.py" in names
     assert "kvpress_like/scorers/attention.py" in names
+    assert "kvpress_like/eval/runner.py" in names
     assert not any(name.startswith(("methods/", "scorers/")) for name in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "kvpress-like = kvpress_like.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -20,7 +20,7 @@ from kvpress_like.eval.runner import FULL, budget_key
 ALL = "all"
 TABLE_FIELDS = (
     "task", "protocol", "length", "method", "budget", "n", "correct", "accuracy", "ci_low", "ci_high",
-    "full_accuracy", "retention", "token_match", "kl", "recall", "similarity", "errors",
+    "full_accuracy", "retention", "score", "token_match", "kl", "recall", "similarity", "errors",
 )
 
 
@@ -115,11 +115,19 @@ def _table_row(key: tuple, items: list[tuple[dict, dict | None]]) -> dict[str, A
         "task": task, "protocol": protocol, "length": length, "method": label, "budget": budget,
         "n": n, "correct": correct, "accuracy": acc, "ci_low": low, "ci_high": high,
         "full_accuracy": full_acc, "retention": 1.0 if is_full and n else metrics.retention(acc, full_acc),
+        "score": _mean_score(ok, is_full),
         "token_match": mean("token_match"), "kl": mean("kl"), "recall": mean("recall"),
         "similarity": mean("similarity"), "errors": len(items) - len(ok),
         "recall_layers": None if is_full else _mean_lists([row.get("recall_layers") for _, row in ok]),
         "error_example": next((row["error"] for _, row in items if row and row.get("error")), None),
     }
+
+
+def _mean_score(items: list[tuple[dict, dict | None]], is_full: bool) -> float | None:
+    """Mean partial credit (share of the answers found; equals accuracy for single-answer tasks)."""
+    scores = [(ref if is_full else row).get("score") for ref, row in items]
+    scores = [s for s in scores if s is not None]
+    return sum(scores) / len(scores) if scores else None
 
 
 def _mean_lists(lists: list[list[float] | None]) -> list[float] | None:

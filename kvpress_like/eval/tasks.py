@@ -173,7 +173,7 @@ def multi_value(tokenizer, context_tokens: int, depth: float, seed: int, n_value
         task="multi_value", context=context, question=question, answers=values,
         meta=_meta(
             context_tokens, depth, seed, key=key, match="all",
-            answer_prefix=f"The special magic numbers for {key} are:", max_new_tokens=9 * n_values,
+            answer_prefix=f"The special magic numbers for {key} are:", max_new_tokens=14 * n_values + 4,
         ),
     )
 
@@ -195,7 +195,7 @@ def variable_tracking(tokenizer, context_tokens: int, depth: float, seed: int, n
     return Sample(
         task="variable_tracking", context=context, question=question, answers=names,
         meta=_meta(
-            context_tokens, depth, seed, match="all", max_new_tokens=6 * (n_hops + 1) + 2,
+            context_tokens, depth, seed, match="all", max_new_tokens=12 * (n_hops + 1) + 4,
             answer_prefix=f"According to the chain of variable assignments in the text, the variables assigned the "
             f"value {value} are:",
         ),
