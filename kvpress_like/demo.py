@@ -16,6 +16,8 @@ DEMO_SETTINGS = (
     ("semantic-only ablation", "dapq", "75%", {"window": "semantic"}),
     ("semantic-only ablation", "dapq", "50%", {"window": "semantic"}),
     ("semantic-only ablation", "dapq", "25%", {"window": "semantic"}),
+    ("dapq_plus (DapQ + SnapKV window, chunks)", "dapq_plus", "25%", {}),
+    ("dapq_plus (DapQ + SnapKV window, chunks)", "dapq_plus", "10%", {}),
 )
 
 
