@@ -6,8 +6,9 @@ import pytest
 import torch
 from conftest import make_model
 
-from kvpress_like import build
-from kvpress_like.prefill import feed
+from kvpress_like import UnsupportedInputError, UnsupportedModelError, build
+from kvpress_like.compat import model_inputs
+from kvpress_like.prefill import feed, shallow_copy
 from kvpress_like.ragged import RaggedLayer, ragged_attention
 
 
@@ -78,3 +79,31 @@ def test_attention_implementation_restored_after_decoding_even_on_error():
         assert model.config._attn_implementation == "kvpress_like_ragged"
         raise RuntimeError("boom")
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_shallow_copy_of_a_ragged_cache_is_independent():
+    model = make_model("llama", num_key_value_heads=4)
+    ids = torch.randint(0, 256, (1, 90), generator=torch.Generator().manual_seed(1))
+    cache = build("ada_dapq", budget=40).prefill(model, ids).cache
+    before = [[part.clone() for part in row] for row in cache.layers[0].key_parts]
+    feed(model, shallow_copy(cache), torch.randint(0, 256, (1, 3)), 90)
+    after = [part for row in cache.layers[0].key_parts for part in row]
+    assert all(torch.equal(a, b) for a, b in zip([p for row in before for p in row], after, strict=True))
+
+
+def test_reading_a_ragged_layer_without_the_ragged_attention_is_refused():
+    model = make_model("llama", num_key_value_heads=4)
+    ids = torch.randint(0, 256, (1, 90), generator=torch.Generator().manual_seed(1))
+    cache = build("ada_dapq", budget=40).prefill(model, ids).cache
+    assert isinstance(cache.layers[0], RaggedLayer)
+    with pytest.raises(UnsupportedModelError, match="ragged_attention"):
+        model(**model_inputs(model, cache, input_ids=ids[:, :1], position_ids=torch.tensor([[90]])))
+
+
+def test_several_tokens_into_layers_of_different_lengths_are_refused():
+    model = make_model("llama", num_hidden_layers=4)
+    ids = torch.randint(0, 256, (1, 100), generator=torch.Generator().manual_seed(2))
+    cache = build("pyramidkv", budget=40).prefill(model, ids).cache
+    assert cache.uneven
+    with pytest.raises(UnsupportedInputError, match="one token at a time"):
+        model(**model_inputs(model, cache, input_ids=ids[:, :3], position_ids=torch.arange(100, 103)[None]))

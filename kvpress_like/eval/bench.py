@@ -26,8 +26,8 @@ import torch
 
 from kvpress_like.cache import CompressedCache
 from kvpress_like.eval.haystack import haystack
-from kvpress_like.eval.protocols import fork, greedy
-from kvpress_like.prefill import forward
+from kvpress_like.eval.protocols import greedy
+from kvpress_like.prefill import forward, shallow_copy
 from kvpress_like.prompting import build_prompt
 
 
@@ -85,7 +85,7 @@ def peak_bytes(fn) -> int:
 
 
 def _decode_seconds(model, cache, logits, start: int, tokens: int) -> float:
-    seconds, _ = _timed(lambda: greedy(model, fork(cache), logits, start, tokens, eos=set()))
+    seconds, _ = _timed(lambda: greedy(model, shallow_copy(cache), logits, start, tokens, eos=set()))
     return seconds / tokens
 
 

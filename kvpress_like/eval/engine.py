@@ -27,9 +27,9 @@ from kvpress_like.cache import CompressedCache
 from kvpress_like.errors import ConfigError
 from kvpress_like.eval import metrics
 from kvpress_like.eval.capture import QueryCapture
-from kvpress_like.eval.protocols import fork, greedy, logits_along, prepare, select_rows, signature, stack
+from kvpress_like.eval.protocols import greedy, logits_along, prepare, select_rows, signature, stack
 from kvpress_like.pipeline import Pipeline, eos_ids
-from kvpress_like.prefill import prefill_many
+from kvpress_like.prefill import prefill_many, shallow_copy
 from kvpress_like.scorers.attention import window_attention
 
 log = logging.getLogger(__name__)
@@ -173,10 +173,10 @@ def evaluate_sample(
         logits0 = logits_along(model, ref_cache, rest, compressed)[:, -1] if rest.shape[1] else ref.next_token_logits
         if capture:
             capture.enabled = False
-        (answer,) = greedy(model, fork(ref_cache), logits0, total, max_new, eos)
+        (answer,) = greedy(model, shallow_copy(ref_cache), logits0, total, max_new, eos)
         if capture:
             capture.enabled = True
-        replay = logits_along(model, fork(ref_cache), torch.tensor([answer], device=model.device), total)
+        replay = logits_along(model, shallow_copy(ref_cache), torch.tensor([answer], device=model.device), total)
     ref_logits = torch.cat([logits0[:, None], replay[:, :-1]], dim=1)[0]  # [n, V]: predicts answer[i]
     ref_text = tokenizer.decode(answer, skip_special_tokens=True)
     timing["reference"] = time.perf_counter() - started - timing["prefill_all"]
@@ -270,7 +270,8 @@ def _groups(pairs, batch: bool):
 
 
 def _run_group(model, tokenizer, sample, group, rest, compressed, total, answer, ref_logits, max_new, eos, out):
-    cache = stack(model, [fork(r.cache) for _, r in group]) if len(group) > 1 else fork(group[0][1].cache)
+    caches = [shallow_copy(result.cache) for _, result in group]
+    cache = stack(model, caches) if len(group) > 1 else caches[0]
     size = len(group)
     if rest.shape[1]:
         first = logits_along(model, cache, rest.expand(size, -1), compressed)[:, -1]
@@ -278,7 +279,7 @@ def _run_group(model, tokenizer, sample, group, rest, compressed, total, answer,
         first = torch.cat([r.next_token_logits for _, r in group], dim=0)
     answer_ids = torch.tensor([answer], device=model.device)
     if len(answer) > 1:
-        replay = logits_along(model, fork(cache), answer_ids[:, :-1].expand(size, -1), total)
+        replay = logits_along(model, shallow_copy(cache), answer_ids[:, :-1].expand(size, -1), total)
         along = torch.cat([first[:, None], replay], dim=1)
     else:
         along = first[:, None]
@@ -287,7 +288,7 @@ def _run_group(model, tokenizer, sample, group, rest, compressed, total, answer,
     answers: list[list[int] | None] = [list(answer) if bool(a) else None for a in agrees]
     diverged = [i for i, a in enumerate(answers) if a is None]
     if diverged:
-        decoded = greedy(model, select_rows(model, cache, diverged) if size > 1 else fork(cache),
+        decoded = greedy(model, select_rows(model, cache, diverged) if size > 1 else shallow_copy(cache),
                          first[diverged], total, max_new, eos)
         for i, tokens in zip(diverged, decoded, strict=True):
             answers[i] = tokens

@@ -36,8 +36,8 @@ from kvpress_like.cache import CompressedCache
 from kvpress_like.eval import metrics
 from kvpress_like.eval.capture import QueryCapture
 from kvpress_like.eval.haystack import haystack
-from kvpress_like.eval.protocols import fork, greedy
-from kvpress_like.prefill import forward
+from kvpress_like.eval.protocols import greedy
+from kvpress_like.prefill import forward, shallow_copy
 from kvpress_like.prompting import build_prompt
 from kvpress_like.windows import PseudoContentConfig, pseudo_content
 
@@ -90,10 +90,10 @@ def probe_sample(model, tokenizer, settings: ProbeSettings, index: int) -> dict[
     in_prompt = QueryCapture(model, keep_queries=True, rows=keep)
     with in_prompt:
         logits = forward(model, cache, ids, torch.arange(length, device=model.device))
-    (answer,) = greedy(model, fork(cache), logits, length, n, eos=set())
+    (answer,) = greedy(model, shallow_copy(cache), logits, length, n, eos=set())
     answer_ids = torch.tensor([answer], device=model.device)
     true = QueryCapture(model, prefix=length, keep_queries=True, pre_rope=True)
-    _run(model, fork(cache), answer_ids, length, true)
+    _run(model, shallow_copy(cache), answer_ids, length, true)
     layers = sorted(true.mass)
 
     wrong = tokenizer.encode(WRONG_CONTENT * (n // 4 + 2), add_special_tokens=False)[:n]
@@ -104,7 +104,7 @@ def probe_sample(model, tokenizer, settings: ProbeSettings, index: int) -> dict[
     for name, (content, start) in conditions.items():
         cap = true if name == "SC&SP" else QueryCapture(model, keep_queries=True, pre_rope=True)
         if name != "SC&SP":
-            _run(model, fork(cache), content, start, cap)
+            _run(model, shallow_copy(cache), content, start, cap)
         table1[name] = {
             "post": [metrics.query_cosine(cap.stacked(i), true.stacked(i)) for i in layers],
             "pre": [metrics.query_cosine(cap.stacked(i, True), true.stacked(i, True)) for i in layers],
@@ -118,7 +118,7 @@ def probe_sample(model, tokenizer, settings: ProbeSettings, index: int) -> dict[
             if name.startswith("semantic") and size != 32:
                 continue
             cap = QueryCapture(model, prefix=length)
-            _run(model, fork(cache), content, start, cap)
+            _run(model, shallow_copy(cache), content, start, cap)
             windows[name] = cap.mass
     prompt_keys = {i: cache.layers[i].keys for i in layers}
     local = {int(r): j for j, r in enumerate(keep)}

@@ -12,7 +12,6 @@ assistant turn in both protocols, so the model answers in a few tokens.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,6 +21,7 @@ from transformers.cache_utils import DynamicLayer
 from kvpress_like.cache import CompressedCache
 from kvpress_like.compat import model_inputs
 from kvpress_like.errors import ConfigError
+from kvpress_like.prefill import shallow_copy
 from kvpress_like.prompting import build_prompt
 from kvpress_like.ragged import ragged_attention
 
@@ -68,20 +68,6 @@ def prepare(tokenizer, sample, protocol: str, answer_prefix: bool = True) -> Pre
 # ------------------------------------------------------------------------------------------------
 
 
-def fork(cache: CompressedCache) -> CompressedCache:
-    """A cache whose later updates never touch ``cache`` (tensors shared until they are replaced).
-
-    Dense layers rebind their tensors on update, so a shallow copy of each is enough; any other
-    layer type (e.g. head-adaptive ragged layers, which update lists in place) is deep-copied.
-    """
-    twin = copy.copy(cache)
-    twin.layers = [
-        copy.copy(layer) if isinstance(layer, DynamicLayer) else copy.deepcopy(layer) for layer in cache.layers
-    ]
-    twin.evicted = dict(getattr(cache, "evicted", {}))
-    return twin
-
-
 def signature(cache: CompressedCache) -> tuple | None:
     """Per-layer physical shapes and logical lengths; ``None`` when the cache cannot be stacked in a batch."""
     parts = []
@@ -105,9 +91,9 @@ def stack(model, caches: list[CompressedCache]) -> CompressedCache:
 
 
 def select_rows(model, cache: CompressedCache, rows: list[int]) -> CompressedCache:
-    """The batch rows ``rows`` of a stacked cache (a fork when every row is taken)."""
+    """The batch rows ``rows`` of a stacked cache (a shallow copy when every row is taken)."""
     if rows == list(range(cache.layers[0].keys.shape[0])):
-        return fork(cache)
+        return shallow_copy(cache)
     index = torch.tensor(rows, device=cache.layers[0].keys.device)
     out = CompressedCache(model.config)
     for i, layer in enumerate(cache.layers):
