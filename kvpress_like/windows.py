@@ -23,6 +23,12 @@ from kvpress_like.hookspecs import hookimpl
 from kvpress_like.parts import PartConfig, WindowBuilder, WindowPlan
 
 
+def last_rows(input_ids: torch.Tensor, size: int) -> torch.Tensor:
+    """Row indices of the last ``size`` prompt tokens (all of them when the prompt is shorter)."""
+    length = input_ids.shape[1]
+    return torch.arange(max(0, length - size), length, device=input_ids.device)
+
+
 class SuffixConfig(PartConfig):
     size: int = Field(32, ge=1, description="number of last prompt tokens whose queries score the keys")
 
@@ -35,9 +41,7 @@ class SuffixWindow(WindowBuilder):
     Config = SuffixConfig
 
     def plan(self, input_ids: torch.Tensor, question_span: tuple[int, int] | None = None) -> WindowPlan:
-        length = input_ids.shape[1]
-        start = max(0, length - self.config.size)
-        return WindowPlan(length, torch.arange(start, length, device=input_ids.device))
+        return WindowPlan(input_ids.shape[1], last_rows(input_ids, self.config.size))
 
 
 class PseudoContentConfig(PartConfig):
@@ -153,9 +157,7 @@ class UnionWindow(PseudoWindow):
 
     def plan(self, input_ids: torch.Tensor, question_span: tuple[int, int] | None = None) -> WindowPlan:
         pseudo = super().plan(input_ids, question_span)
-        start = max(0, pseudo.prompt_length - self.config.size)
-        suffix_rows = torch.arange(start, pseudo.prompt_length, device=input_ids.device)
-        rows = torch.cat([suffix_rows, pseudo.window_rows])
+        rows = torch.cat([last_rows(input_ids, self.config.size), pseudo.window_rows])
         return WindowPlan(pseudo.prompt_length, rows, pseudo.appended_ids, pseudo.appended_positions)
 
 
