@@ -71,10 +71,15 @@ def accuracy_vs_budget(table: list[dict[str, Any]], path: Path) -> str | None:
                 ax.set_ylabel("accuracy (%)")
             if i == len(protocols) - 1:
                 ax.set_xlabel("budget (share of the prompt)")
+    return _save_with_legend(plt, fig, axes, path, bottom=0.04, dpi=110)
+
+
+def _save_with_legend(plt, fig, axes, path: Path, bottom: float, dpi: int) -> str:
+    """One shared legend under the panels, then save and close the figure."""
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.04 + 0.03 * (len(labels) // 5), 1, 1))
-    fig.savefig(path, dpi=110)
+    fig.tight_layout(rect=(0, bottom + 0.03 * (len(labels) // 5), 1, 1))
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path.name
 
@@ -102,12 +107,7 @@ def recall_per_layer(table: list[dict[str, Any]], path: Path) -> str | None:
                 ax.set_ylabel("attention recall (%)")
             if i == len(protocols) - 1:
                 ax.set_xlabel("layer")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.06 + 0.03 * (len(labels) // 5), 1, 1))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path.name
+    return _save_with_legend(plt, fig, axes, path, bottom=0.06, dpi=100)
 
 
 def depth_length_heatmaps(cells: dict[str, dict[str, Any]], path: Path) -> str | None:
