@@ -21,6 +21,29 @@ class CompressedCache(DynamicCache):
     def __init__(self, config):
         super().__init__(config=config)
         self.evicted: dict[int, int] = {}
+        self.peak_nbytes = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """DynamicCache's update, noting the bytes held afterwards (the peak of a prefill is read from here)."""
+        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        self.peak_nbytes = max(self.peak_nbytes, self.nbytes())
+        return out
+
+    def drop_trailing_rows(self, layer_idx: int, rows: int) -> None:
+        """Forget the last ``rows`` entries of an uncompressed layer (appended window rows), as if never fed.
+
+        A sliding-window layer must have recorded its past during that forward (see
+        :func:`kvpress_like.compat.record_sliding_past`); it is then cut back to its window.
+        """
+        layer = self.layers[layer_idx]
+        end = layer.keys.shape[-2] - rows
+        if getattr(layer, "is_sliding", False):
+            start = max(0, end - layer.sliding_window + 1)
+            layer.cumulative_length -= rows
+            layer.record_past = False
+        else:
+            start = 0
+        layer.keys, layer.values = layer.keys[:, :, start:end], layer.values[:, :, start:end]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return super().get_seq_length(layer_idx) + self.evicted.get(layer_idx, 0)
@@ -70,18 +93,21 @@ class CompressedCache(DynamicCache):
         layer.keys, layer.values = keys, values
         layer.is_initialized, layer.device = True, keys.device
         self.evicted[layer_idx] = seen - keys.shape[-2]
+        self.peak_nbytes = max(self.peak_nbytes, self.nbytes())
 
     def replace_with_ragged(self, layer_idx: int, layer: RaggedLayer, seen: int) -> None:
         """Hold a head-adaptive layer (each KV head its own length) for a layer that has seen ``seen`` tokens."""
         self.layers[layer_idx] = layer
         self.evicted[layer_idx] = seen - layer.get_seq_length()
+        self.peak_nbytes = max(self.peak_nbytes, self.nbytes())
+
+    def layer_nbytes(self, layer_idx: int) -> int:
+        """Bytes of the key and value tensors one layer really holds."""
+        layer = self.layers[layer_idx]
+        if isinstance(layer, RaggedLayer):
+            return layer.nbytes()
+        return sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
 
     def nbytes(self) -> int:
         """Bytes of key and value tensors really held."""
-        total = 0
-        for layer in self.layers:
-            if isinstance(layer, RaggedLayer):
-                total += layer.nbytes()
-            else:
-                total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
-        return total
+        return sum(self.layer_nbytes(i) for i in range(len(self.layers)))

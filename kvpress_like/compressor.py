@@ -1,10 +1,12 @@
 """Compression of one layer at a time: a forward hook that scores, selects and prunes.
 
 One mechanism only: a ``register_forward_hook(with_kwargs=True)`` on each attention module. After the
-module has written its keys and values to the cache it was called with (the *source*), the hook
-recomputes the window's post-RoPE queries, scores the prompt keys, selects the kept set and writes the
-kept rows into the *target* cache (the source itself, or another cache when several methods share one
-prompt forward). Hooks are removed when the forward returns or raises.
+module has written this forward's keys and values to the cache it was called with, the hook keeps the
+attention inputs of any window rows this forward holds; once every window row and the whole prompt
+have been seen, it recomputes the window's post-RoPE queries, scores the prompt keys, selects the kept
+set and writes the kept rows either back into that same cache (a one-pass prefill: the layer's full
+keys and values, and any appended rows, are released at once) or into a separate *target* cache
+(several pipelines sharing one prompt forward). Hooks are removed when the forward returns or raises.
 """
 
 from __future__ import annotations
@@ -24,21 +26,32 @@ from kvpress_like.plugins import get_plugin_manager
 from kvpress_like.ragged import RaggedLayer
 from kvpress_like.report import CompressionReport, LayerReport
 
+Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # attention input, cos, sin of some rows
+
 
 @dataclass
 class LayerCompressor:
-    """Scores and prunes every layer listed in ``budgets`` while ``source`` is being filled."""
+    """Scores and prunes every layer listed in ``budgets`` as the prompt (and its window) go through.
+
+    ``target`` is the cache that receives the kept rows; ``None`` prunes the cache the model was
+    called with, in place. ``scores_memo`` (shared between compressors whose window and scorer are
+    identical) lets several budgets reuse one scoring.
+    """
 
     plan: WindowPlan
-    source: CompressedCache
-    target: CompressedCache
+    target: CompressedCache | None
     scorer: Scorer
     selector: Selector
+    allocator: Allocator
     budgets: dict[int, int]
     report: CompressionReport
     pipeline: object
     rope_at: Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-    row_offset: int = 0
+    keep_hidden_states: bool = False
+    scores_memo: dict | None = None
+    captured: dict[int, list[Inputs]] = field(default_factory=dict)
+    prompt_inputs: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    full_layer_bytes: dict[int, int] = field(default_factory=dict)  # bytes each layer held uncompressed
 
     @contextmanager
     def attached(self, modules: list[torch.nn.Module]):
@@ -49,87 +62,108 @@ class LayerCompressor:
             for handle in handles:
                 handle.remove()
 
-    allocator: Allocator | None = None
-    captured: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    @property
+    def rows_needed(self) -> int:
+        """Rows (prompt + appended) that must have gone through before this layer can be compressed."""
+        last_window_row = int(self.plan.window_rows.max()) + 1 if self.plan.window_rows.numel() else 0
+        return max(self.plan.prompt_length, last_window_row)
 
     def _hook(self, module, args, kwargs, output) -> None:
         layer_idx = module.layer_idx
         if layer_idx not in self.budgets:
             return
-        if cache_from_hook_kwargs(kwargs) is not self.source:
-            raise RuntimeError("the attention layer was called with a cache other than the pipeline's")
+        source = cache_from_hook_kwargs(kwargs)
+        layer = source.layers[layer_idx]
+        forward_rows = kwargs["hidden_states"].shape[1]
+        start = layer.keys.shape[-2] - forward_rows  # first row of this forward in the layer's cache
+        if start + forward_rows < self.rows_needed:  # an early chunk: keep what the final step will need
+            self._capture(layer_idx, kwargs, start)
+            return
         started = time.perf_counter()
-        kept = self._compress(module, layer_idx, kwargs)
+        try:
+            kept = self._compress(module, layer_idx, source, kwargs, start)
+        except Exception as error:
+            error.add_note(f"kvpress_like: {self.pipeline.name!r} failed on layer {layer_idx}; no cache was returned")
+            raise
+        self.captured.pop(layer_idx, None)
+        self.prompt_inputs.pop(layer_idx, None)
         layer_report = LayerReport(layer_idx, kept, self.budgets[layer_idx], time.perf_counter() - started)
         self.report.layers[layer_idx] = layer_report
         get_plugin_manager().hook.layer_compressed(layer_report=layer_report, pipeline=self.pipeline)
 
-    def _compress(self, module, layer_idx: int, kwargs) -> torch.Tensor:
+    def _capture(self, layer_idx: int, kwargs, start: int) -> None:
+        hidden = kwargs["hidden_states"]
+        local = self._local_rows(hidden.shape[1], start, hidden.device)
+        if local.numel():
+            cos, sin = kwargs["position_embeddings"]
+            self.captured.setdefault(layer_idx, []).append((hidden[:, local], cos[:, local], sin[:, local]))
+        if self.keep_hidden_states:
+            self.prompt_inputs.setdefault(layer_idx, []).append(hidden[:, : self.plan.prompt_length - start])
+
+    def _local_rows(self, forward_rows: int, start: int, device) -> torch.Tensor:
+        rows = self.plan.window_rows.to(device)
+        return rows[(rows >= start) & (rows < start + forward_rows)] - start
+
+    def _window_inputs(self, layer_idx: int, kwargs, start: int) -> Inputs:
+        """Attention inputs and ``(cos, sin)`` of every window row: those captured earlier, then this forward's."""
+        hidden = kwargs["hidden_states"]
+        local = self._local_rows(hidden.shape[1], start, hidden.device)
+        cos, sin = kwargs["position_embeddings"]
+        parts = [*self.captured.get(layer_idx, []), (hidden[:, local], cos[:, local], sin[:, local])]
+        return tuple(torch.cat(pieces, dim=1) for pieces in zip(*parts, strict=True))
+
+    def _prompt_hidden_states(self, layer_idx: int, kwargs, start: int) -> torch.Tensor | None:
+        """Attention inputs of the prompt rows ``[0, L)``; ``None`` after a chunk the scorer did not ask to keep."""
+        if start > 0 and layer_idx not in self.prompt_inputs:
+            return None
+        current = kwargs["hidden_states"][:, : max(0, self.plan.prompt_length - start)]
+        return torch.cat([*self.prompt_inputs.get(layer_idx, []), current], dim=1)
+
+    def _compress(self, module, layer_idx: int, source: CompressedCache, kwargs, start: int):
         length, budget = self.plan.prompt_length, self.budgets[layer_idx]
-        layer = self.source.layers[layer_idx]
+        layer = source.layers[layer_idx]
         keys, values = layer.keys[:, :, :length], layer.values[:, :, :length]
+        target = self.target if self.target is not None else source
+        self.full_layer_bytes[layer_idx] = 2 * keys.numel() * keys.element_size()
         if budget >= length:  # nothing to evict: every prompt row stays, in order
             kept = torch.arange(length, device=keys.device).expand(keys.shape[0], keys.shape[1], length)
-            self.target.replace_layer(layer_idx, keys, values, seen=length)
+            target.replace_layer(layer_idx, keys, values, seen=length)
             return kept
-        queries = window_queries(module, *self._window_inputs(layer_idx, kwargs))
-        ctx = LayerContext(
-            layer_idx=layer_idx,
-            module=module,
-            queries=queries,
-            keys=layer.keys,
-            values=layer.values,
-            query_rows=self.plan.window_rows,
-            prompt_length=length,
-            scaling=module.scaling,
-            budget=budget,
-            hidden_states=kwargs["hidden_states"],
-            rope_at=lambda positions: self.rope_at(module, positions),
-        )
-        scores = self.scorer.score(ctx)
+        scores = self._scores(module, layer_idx, layer, kwargs, start, budget)
         counts = self.allocator.head_budgets(scores, budget, self.selector.protected_mask(length, budget, keys.device))
         if bool((counts == budget).all()):
             kept = self.selector.select(scores, budget)
             _check_kept(kept, scores.shape, budget, type(self.selector).__name__)
             index = kept.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
-            self.target.replace_layer(layer_idx, keys.gather(2, index), values.gather(2, index), seen=length)
+            target.replace_layer(layer_idx, keys.gather(2, index), values.gather(2, index), seen=length)
             return kept
-        return self._compress_ragged(layer_idx, scores, counts, keys, values)
+        kept, ragged = self._select_ragged(scores, counts, keys, values)
+        target.replace_with_ragged(layer_idx, ragged, seen=length)
+        return kept
 
-    def _window_inputs(self, layer_idx: int, kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Attention inputs and ``(cos, sin)`` of the window rows: those of this forward, after any captured ones."""
-        rows = self.plan.window_rows.to(kwargs["hidden_states"].device)
-        local = rows[rows >= self.row_offset] - self.row_offset
-        cos, sin = kwargs["position_embeddings"]
-        current = (kwargs["hidden_states"][:, local], cos[:, local], sin[:, local])
-        if layer_idx not in self.captured:
-            return current
-        captured = self.captured[layer_idx]
-        return tuple(torch.cat([early, late], dim=1) for early, late in zip(captured, current, strict=True))
+    def _scores(self, module, layer_idx: int, layer, kwargs, start: int, budget: int) -> torch.Tensor:
+        key = (layer_idx, budget) if getattr(self.scorer, "reads_budget", False) else layer_idx
+        if self.scores_memo is not None and key in self.scores_memo:
+            return self.scores_memo[key].clone()  # a selector may work in place
+        ctx = LayerContext(
+            layer_idx=layer_idx,
+            module=module,
+            queries=window_queries(module, *self._window_inputs(layer_idx, kwargs, start)),
+            keys=layer.keys,
+            values=layer.values,
+            query_rows=self.plan.window_rows,
+            prompt_length=self.plan.prompt_length,
+            scaling=module.scaling,
+            budget=budget,
+            hidden_states=self._prompt_hidden_states(layer_idx, kwargs, start),
+            rope_at=lambda positions: self.rope_at(module, positions),
+        )
+        scores = self.scorer.score(ctx)
+        if self.scores_memo is not None:
+            self.scores_memo[key] = scores.clone()
+        return scores
 
-    @contextmanager
-    def capturing(self, modules: list[torch.nn.Module]):
-        """During the prompt forward, keep the attention inputs of window rows that lie inside the prompt.
-
-        Needed by windows that mix prompt rows with appended rows (``union``): the appended forward only
-        sees its own rows.
-        """
-        rows = self.plan.window_rows[self.plan.window_rows < self.plan.prompt_length]
-
-        def capture(module, args, kwargs):
-            if module.layer_idx in self.budgets:
-                cos, sin = kwargs["position_embeddings"]
-                local = rows.to(cos.device)
-                self.captured[module.layer_idx] = (kwargs["hidden_states"][:, local], cos[:, local], sin[:, local])
-
-        handles = [m.register_forward_pre_hook(capture, with_kwargs=True) for m in modules]
-        try:
-            yield self
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def _compress_ragged(self, layer_idx, scores, counts, keys, values) -> list[list[torch.Tensor]]:
+    def _select_ragged(self, scores, counts, keys, values) -> tuple[list[list[torch.Tensor]], RaggedLayer]:
         """Per (sequence, head) selection with its own count, stored without padding."""
         kept, key_parts, value_parts = [], [], []
         for b in range(scores.shape[0]):
@@ -144,8 +178,7 @@ class LayerCompressor:
             kept.append(kept_row)
             key_parts.append(key_row)
             value_parts.append(value_row)
-        self.target.replace_with_ragged(layer_idx, RaggedLayer(key_parts, value_parts), seen=self.plan.prompt_length)
-        return kept
+        return kept, RaggedLayer(key_parts, value_parts)
 
 
 def _check_kept(kept: torch.Tensor, score_shape: torch.Size, budget: int, selector: str) -> None:

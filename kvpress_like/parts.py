@@ -73,7 +73,8 @@ class LayerContext:
     ``keys``/``values`` ``[batch, kv_heads, T, head_dim]`` (all rows cached so far, post-RoPE),
     ``query_rows`` ``[window]`` (row index of each query in the same ``T`` axis, for causal masking).
     Only the first ``prompt_length`` key rows are candidates for keeping. ``hidden_states`` are the
-    attention input of the rows of the current forward; ``rope_at(positions)`` gives the layer's
+    attention inputs of the prompt rows ``[batch, L, hidden]`` (in a chunked prefill only for scorers
+    that declare ``reads_hidden_states``); ``rope_at(positions)`` gives the layer's
     ``(cos, sin)`` ``[1, n, rot_dim]`` at any positions (for scorers that look ahead, e.g. Expected
     Attention); ``budget`` is the number of tokens this layer keeps.
     """
@@ -87,7 +88,7 @@ class LayerContext:
     prompt_length: int
     scaling: float
     budget: int
-    hidden_states: torch.Tensor
+    hidden_states: torch.Tensor | None
     rope_at: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
     @property
@@ -96,9 +97,17 @@ class LayerContext:
 
 
 class Scorer(Part):
-    """Scores every prompt key: ``[batch, kv_heads, prompt_length]``, higher means keep."""
+    """Scores every prompt key: ``[batch, kv_heads, prompt_length]``, higher means keep.
+
+    A scorer declares what it reads beyond the window's queries and the keys/values:
+    ``reads_budget`` (its scores change with ``ctx.budget``, so they are never shared across budgets)
+    and ``reads_hidden_states`` (it reads ``ctx.hidden_states``; a chunked prefill then keeps the
+    prompt's attention inputs until the last chunk).
+    """
 
     kind = "scorer"
+    reads_budget: ClassVar[bool] = False
+    reads_hidden_states: ClassVar[bool] = False
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         raise NotImplementedError

@@ -9,7 +9,7 @@ import torch
 from kvpress_like.budget import Budget
 from kvpress_like.decoding import decode, parse_generation_options
 from kvpress_like.parts import Allocator, Scorer, Selector, WindowBuilder
-from kvpress_like.prefill import PrefillResult, feed, prefill_many
+from kvpress_like.prefill import PrefillResult, compressed_prefill, feed
 from kvpress_like.prompting import build_prompt
 
 
@@ -57,9 +57,14 @@ class Pipeline:
         attention_mask: torch.Tensor | None = None,
         *,
         question_span: tuple[int, int] | None = None,
+        chunk_size: int | None = None,
     ) -> PrefillResult:
-        """Prefill ``input_ids`` ``[batch, L]`` and compress the cache; logits come from position L−1."""
-        (result,) = prefill_many(model, input_ids, [self], attention_mask, question_span)
+        """Prefill ``input_ids`` ``[batch, L]`` and compress the cache in the same forward; logits of position L−1.
+
+        ``chunk_size`` feeds the prompt in chunks of that many tokens (activation memory bounded by the
+        chunk; the same tokens are kept, see :func:`kvpress_like.prefill.compressed_prefill`).
+        """
+        result = compressed_prefill(model, input_ids, self, attention_mask, question_span, chunk_size)
         self.last_report = result.report
         return result
 
@@ -72,22 +77,24 @@ class Pipeline:
         question: str | None = None,
         question_aware: bool = True,
         max_new_tokens: int = 32,
+        chunk_size: int | None = None,
         **generation_kwargs: Any,
     ) -> str:
         """Compress and answer; the report of the compression is left in ``self.last_report``.
 
         Question-aware: the question is inside the compressed prompt (DapQ's protocol). Query-agnostic:
         only the context is compressed and the question is fed after it (kvpress's protocol).
+        ``chunk_size`` chunks the prefill (see :meth:`prefill`).
         Options: ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop_at_eos``.
         """
         options = parse_generation_options(generation_kwargs)
         prompt = build_prompt(tokenizer, context, question)
         ids = prompt.input_ids
         if question is None or question_aware:
-            result = self.prefill(model, ids, question_span=prompt.question_span)
+            result = self.prefill(model, ids, question_span=prompt.question_span, chunk_size=chunk_size)
             logits = result.next_token_logits
         else:
-            result = self.prefill(model, ids[:, : prompt.context_length])
+            result = self.prefill(model, ids[:, : prompt.context_length], chunk_size=chunk_size)
             logits = feed(model, result.cache, ids[:, prompt.context_length :].to(model.device), prompt.context_length)
         tokens = decode(model, result.cache, logits, ids.shape[1], max_new_tokens, options, eos_ids(model, tokenizer))
         return tokenizer.decode(tokens, skip_special_tokens=True)

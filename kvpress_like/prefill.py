@@ -1,26 +1,37 @@
-"""One prompt forward, any number of compressions.
+"""Compressed prefills: one pipeline in one forward, or many pipelines sharing one prompt forward.
 
-The prompt is run once into a shared full cache. Pipelines whose window lies inside the prompt
-(``suffix``, ``question``) compress during that forward, writing into their own caches; pipelines that
-append tokens (``pseudo``, ``semantic``) then each run their few appended rows on a shallow copy of the
-shared cache. With one pipeline this is exactly a normal compressed prefill; with many (an ablation)
-the expensive prompt forward is paid once.
+:func:`compressed_prefill` (what :meth:`Pipeline.prefill` runs) feeds the prompt *and* the window's
+appended rows (DapQ's pseudo queries, a ``semantic``/``union`` window) through the model together. Causal
+attention keeps prompt rows blind to the appended ones, so every score equals a two-pass computation.
+Each attention layer is compressed inside the forward, right after it has written its keys and values:
+the kept rows replace the layer's cache in place, so a prefill never holds more than *the kept cache +
+one layer's full keys/values + the appended rows*. With ``chunk_size`` the prompt goes in chunks (activation
+memory bounded by the chunk); the layers are compressed when the last chunk, with the appended rows, goes
+through, so every method keeps exactly the tokens of an unchunked prefill while the uncompressed cache of
+the earlier chunks is held until then.
+
+:func:`prefill_many` (ablations) serves several pipelines from one prompt forward: it holds the full
+cache of the prompt while it writes a compressed copy per pipeline, and pipelines with appended rows
+each run those rows over a shallow copy of it. Pipelines with the same window and scorer score once
+and select per budget. Its reports say ``shared_full_cache=True``; one pipeline in it runs
+:func:`compressed_prefill` and keeps exactly what :meth:`Pipeline.prefill` keeps.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
 from kvpress_like.adapters import ModelAdapter, get_adapter
 from kvpress_like.cache import CompressedCache
-from kvpress_like.compat import model_inputs
+from kvpress_like.compat import model_inputs, record_sliding_past
 from kvpress_like.compressor import LayerCompressor
-from kvpress_like.errors import UnsupportedInputError, UnsupportedModelError
+from kvpress_like.errors import ConfigError, UnsupportedInputError, UnsupportedModelError
 from kvpress_like.plugins import get_plugin_manager
 from kvpress_like.ragged import ragged_attention
 from kvpress_like.report import CompressionReport
@@ -36,6 +47,47 @@ class PrefillResult:
 
 
 @torch.no_grad()
+def compressed_prefill(
+    model,
+    input_ids: torch.Tensor,
+    pipeline,
+    attention_mask: torch.Tensor | None = None,
+    question_span: tuple[int, int] | None = None,
+    chunk_size: int | None = None,
+) -> PrefillResult:
+    """Prefill ``input_ids`` ``[batch, L]`` and compress every layer inside the same forward."""
+    check_inputs(input_ids, attention_mask)
+    check_chunk_size(chunk_size)
+    adapter = get_adapter(model)
+    input_ids = input_ids.to(model.device)
+    cache = CompressedCache(model.config)
+    job = _make_compressor(pipeline, model, adapter, input_ids, question_span, cache, target=None)
+    _check_backend(model, [job])
+    plan, length = job.plan, job.plan.prompt_length
+    ids, positions = _prompt_and_window(input_ids, plan)
+    starts = list(range(0, length, chunk_size or length))
+    sliding = [i for i, layer in enumerate(cache.layers) if getattr(layer, "is_sliding", False)]
+
+    started = time.perf_counter()
+    with job.attached(adapter.attention_modules()):
+        for start, stop in pairwise(starts):
+            forward(model, cache, ids[:, start:stop], positions[:, start:stop])
+        last = starts[-1]
+        with _appended_rows_dropped(adapter, cache, sliding, plan.n_appended):
+            logits = forward(model, cache, ids[:, last:], positions[:, last:], logits_row=length - 1 - last)
+    job.report.seconds = sum(layer.seconds for layer in job.report.layers.values())
+    job.report.prefill_seconds = time.perf_counter() - started - job.report.seconds
+    job.report.cache_bytes_before = sum(job.full_layer_bytes.values()) + sum(
+        cache.layer_nbytes(i) for i in range(len(cache.layers)) if i not in job.full_layer_bytes
+    )
+    job.report.cache_bytes_after = cache.nbytes()
+    job.report.peak_cache_bytes = cache.peak_nbytes
+    job.report.chunk_size = chunk_size
+    get_plugin_manager().hook.prefill_compressed(report=job.report, pipeline=pipeline)
+    return PrefillResult(cache, logits, job.report)
+
+
+@torch.no_grad()
 def prefill_many(
     model,
     input_ids: torch.Tensor,
@@ -43,40 +95,42 @@ def prefill_many(
     attention_mask: torch.Tensor | None = None,
     question_span: tuple[int, int] | None = None,
 ) -> list[PrefillResult]:
-    """Prefill ``input_ids`` ``[batch, L]`` once and compress it with every pipeline, in order."""
+    """Prefill ``input_ids`` ``[batch, L]`` once and compress it with every pipeline, in order.
+
+    With several pipelines the prompt's full cache is held (``report.shared_full_cache``) so that one
+    forward serves them all; with one pipeline this is :func:`compressed_prefill`.
+    """
+    if len(pipelines) == 1:
+        return [compressed_prefill(model, input_ids, pipelines[0], attention_mask, question_span)]
     check_inputs(input_ids, attention_mask)
     adapter = get_adapter(model)
     input_ids = input_ids.to(model.device)
     length = input_ids.shape[1]
     shared = CompressedCache(model.config)
-    compressible = [i for i, layer in enumerate(shared.layers) if not getattr(layer, "is_sliding", False)]
-    if not compressible:
-        raise UnsupportedModelError(
-            f"every attention layer of this {type(model).__name__} uses a sliding window "
-            f"(sliding_window={getattr(model.config, 'sliding_window', None)}); kvpress_like compresses "
-            "full-attention layers only. If your prompts are shorter than the window, load the model with "
-            "sliding_window=None"
+    memos: dict[tuple[str, str], dict] = {}
+    jobs = [
+        _make_compressor(
+            p, model, adapter, input_ids, question_span, shared, target=CompressedCache(model.config),
+            scores_memo=memos.setdefault((_part_key(p.window), _part_key(p.scorer)), {}),
         )
-    jobs = [_make_compressor(p, model, adapter, input_ids, question_span, shared, compressible) for p in pipelines]
+        for p in pipelines
+    ]
     _check_backend(model, jobs)
 
     started = time.perf_counter()
     with ExitStack() as stack:
         for job in jobs:
-            if job.plan.n_appended == 0:
-                stack.enter_context(job.attached(adapter.attention_modules()))
-            elif bool((job.plan.window_rows < length).any()):
-                stack.enter_context(job.capturing(adapter.attention_modules()))
-        logits = forward(model, shared, input_ids, torch.arange(length, device=model.device))
-    prompt_seconds = time.perf_counter() - started
+            stack.enter_context(job.attached(adapter.attention_modules()))
+        logits = forward(model, shared, input_ids, torch.arange(length, device=model.device)[None])
+    prompt_seconds = time.perf_counter() - started - sum(
+        layer.seconds for job in jobs for layer in job.report.layers.values()
+    )
 
     for job in jobs:
         started = time.perf_counter()
         if job.plan.n_appended:
-            job.source = job.target = shallow_copy(shared)
-            job.row_offset = length
             with job.attached(adapter.attention_modules()):
-                forward(model, job.target, job.plan.appended_ids, job.plan.appended_positions[0])
+                forward(model, shallow_copy(shared), job.plan.appended_ids, job.plan.appended_positions)
             job.report.seconds = time.perf_counter() - started
         else:
             job.report.seconds = sum(layer.seconds for layer in job.report.layers.values())
@@ -86,29 +140,77 @@ def prefill_many(
         job.report.prefill_seconds = prompt_seconds
         job.report.cache_bytes_after = job.target.nbytes()
         job.report.cache_bytes_before = shared.nbytes()
+        job.report.shared_full_cache = True
+    held = shared.peak_nbytes + sum(job.target.nbytes() for job in jobs)
+    for job in jobs:
+        job.report.peak_cache_bytes = held
         get_plugin_manager().hook.prefill_compressed(report=job.report, pipeline=job.pipeline)
     return [PrefillResult(job.target, logits, job.report) for job in jobs]
 
 
-def _make_compressor(pipeline, model, adapter: ModelAdapter, input_ids, question_span, shared, compressible):
+def _part_key(part) -> str:
+    return f"{type(part).__module__}.{type(part).__qualname__}:{part.config.model_dump_json()}"
+
+
+def _prompt_and_window(input_ids: torch.Tensor, plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids ``[batch, L+N]`` and positions ``[batch, L+N]``: the prompt, then the window's appended rows."""
+    batch, length = input_ids.shape
+    positions = torch.arange(length, device=input_ids.device).expand(batch, length)
+    if not plan.n_appended:
+        return input_ids, positions
+    ids = torch.cat([input_ids, plan.appended_ids.to(input_ids.device)], dim=1)
+    return ids, torch.cat([positions, plan.appended_positions.to(input_ids.device)], dim=1)
+
+
+@contextmanager
+def _appended_rows_dropped(adapter: ModelAdapter, cache: CompressedCache, layers: list[int], rows: int):
+    """Layers left uncompressed (sliding-window ones) forget the appended rows right after their attention."""
+    if not rows or not layers:
+        yield
+        return
+    for i in layers:
+        record_sliding_past(cache.layers[i])
+
+    def drop(module, args, output) -> None:
+        if module.layer_idx in layers:
+            cache.drop_trailing_rows(module.layer_idx, rows)
+
+    handles = [m.register_forward_hook(drop) for m in adapter.attention_modules()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _make_compressor(pipeline, model, adapter: ModelAdapter, input_ids, question_span, cache, target, scores_memo=None):
     plan = pipeline.window.plan(input_ids, question_span)
     budget = pipeline.budget.resolve(plan.prompt_length)
+    compressible = [i for i, layer in enumerate(cache.layers) if not getattr(layer, "is_sliding", False)]
+    if not compressible:
+        raise UnsupportedModelError(
+            f"every attention layer of this {type(model).__name__} uses a sliding window "
+            f"(sliding_window={getattr(model.config, 'sliding_window', None)}); kvpress_like compresses "
+            "full-attention layers only. If your prompts are shorter than the window, load the model with "
+            "sliding_window=None"
+        )
     layer_budgets = pipeline.allocator.layer_budgets(len(compressible), plan.prompt_length, budget)
     report = CompressionReport(
         pipeline.name, plan.prompt_length, budget,
-        uncompressed_layers=[i for i in range(len(shared.layers)) if i not in compressible],
+        uncompressed_layers=[i for i in range(len(cache.layers)) if i not in compressible],
     )
     return LayerCompressor(
         plan=plan,
-        source=shared,
-        target=CompressedCache(model.config),
+        target=target,
         scorer=pipeline.scorer,
         selector=pipeline.selector,
+        allocator=pipeline.allocator,
         budgets=dict(zip(compressible, layer_budgets, strict=True)),
         report=report,
         pipeline=pipeline,
         rope_at=adapter.rope_at,
-        allocator=pipeline.allocator,
+        keep_hidden_states=getattr(pipeline.scorer, "reads_hidden_states", False),
+        scores_memo=scores_memo,
     )
 
 
@@ -136,9 +238,11 @@ def shallow_copy(cache: CompressedCache) -> CompressedCache:
     return twin
 
 
-def forward(model, cache, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Run ``input_ids`` at ``positions`` into ``cache``; return the last row's logits."""
-    out = model(**model_inputs(model, cache, input_ids=input_ids, position_ids=positions[None], logits_to_keep=1))
+def forward(model, cache, input_ids: torch.Tensor, positions: torch.Tensor, logits_row: int = -1) -> torch.Tensor:
+    """Run ``input_ids`` at ``positions`` (``[n]`` or ``[batch, n]``) into ``cache``; one row's logits (last)."""
+    positions = positions[None] if positions.dim() == 1 else positions
+    rows = 1 if logits_row == -1 else torch.tensor([logits_row], device=input_ids.device)
+    out = model(**model_inputs(model, cache, input_ids=input_ids, position_ids=positions, logits_to_keep=rows))
     return out.logits[:, -1]
 
 
@@ -148,13 +252,18 @@ def feed(model, cache: CompressedCache, input_ids: torch.Tensor, start_position:
     Caches with per-layer lengths take the tokens one at a time (see ``CompressedCache.get_mask_sizes``).
     """
     length = input_ids.shape[1]
-    positions = torch.arange(start_position, start_position + length, device=model.device)
+    positions = torch.arange(start_position, start_position + length, device=model.device)[None]
     with ragged_attention(model, cache):
         if not cache.uneven:
             return forward(model, cache, input_ids, positions)
         for i in range(length):
-            logits = forward(model, cache, input_ids[:, i : i + 1], positions[i : i + 1])
+            logits = forward(model, cache, input_ids[:, i : i + 1], positions[:, i : i + 1])
         return logits
+
+
+def check_chunk_size(chunk_size: int | None) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ConfigError(f"chunk_size must be a positive number of tokens or None (no chunking), got {chunk_size!r}")
 
 
 def check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:

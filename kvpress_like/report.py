@@ -43,11 +43,15 @@ class LayerReport:
 
 @dataclass
 class CompressionReport:
-    """Per-layer kept indices and budgets, cache bytes before/after, timings.
+    """Per-layer kept indices and budgets, cache bytes before/after and at the peak, timings.
 
-    ``seconds`` is the time spent compressing (scoring, selecting, pruning, and running any appended
-    window rows); ``prefill_seconds`` is the prompt forward itself, shared when several pipelines
-    compress one prompt.
+    ``seconds`` is the time spent compressing (scoring, selecting, pruning; in :func:`prefill_many`
+    also running a window's appended rows); ``prefill_seconds`` is the rest of the forward, shared when
+    several pipelines compress one prompt. ``cache_bytes_before`` is what the uncompressed prefill would
+    hold, ``cache_bytes_after`` what the compressed cache holds, ``peak_cache_bytes`` the most key/value
+    bytes held at any moment of the prefill (tracked by the cache itself, so deterministic).
+    ``shared_full_cache`` marks a prefill that held the prompt's full cache to serve several pipelines
+    (:func:`~kvpress_like.prefill_many`); ``chunk_size`` is the prompt chunk of a chunked prefill.
     """
 
     method: str
@@ -57,6 +61,9 @@ class CompressionReport:
     uncompressed_layers: list[int] = field(default_factory=list)
     cache_bytes_before: int = 0
     cache_bytes_after: int = 0
+    peak_cache_bytes: int = 0
+    shared_full_cache: bool = False
+    chunk_size: int | None = None
     seconds: float = 0.0
     prefill_seconds: float = 0.0
 
@@ -79,6 +86,7 @@ class CompressionReport:
         return (
             f"{self.method}: prompt {self.prompt_length} tokens, budget {self.budget} per KV head, "
             f"{len(self.layers)} layers compressed, cache {self.cache_bytes_before / 2**20:.2f} MiB -> "
-            f"{self.cache_bytes_after / 2**20:.2f} MiB, prefill {self.prefill_seconds:.2f} s + "
+            f"{self.cache_bytes_after / 2**20:.2f} MiB (peak {self.peak_cache_bytes / 2**20:.2f} MiB), "
+            f"prefill {self.prefill_seconds:.2f} s + "
             f"compression {self.seconds:.2f} s"
         )

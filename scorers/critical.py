@@ -38,6 +38,7 @@ class CriticalScorer(Scorer):
     name = "critical"
     summary = "attention × ‖W_o v‖₁ with a two-stage selection (CriticalKV)"
     Config = CriticalConfig
+    reads_budget = True
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         attention = attention_scores(ctx, self.config)

@@ -47,6 +47,7 @@ class ExpectedAttentionScorer(Scorer):
     name = "expected_attention"
     summary = "expected softmax attention of future queries from prompt query statistics (× value norm)"
     Config = ExpectedAttentionConfig
+    reads_hidden_states = True
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         cfg = self.config

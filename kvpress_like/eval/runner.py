@@ -30,7 +30,7 @@ import json
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import torch
 import yaml
@@ -46,6 +46,7 @@ from kvpress_like.methods_spec import PART_KINDS
 CELLS_FILE = "cells.jsonl"
 GRID_FILE = "grid.json"
 FULL = "full"
+SettingsT = TypeVar("SettingsT", bound=BaseModel)
 
 
 class MethodEntry(BaseModel):
@@ -165,11 +166,16 @@ def load_grid(path: str | Path, **overrides: Any) -> GridConfig:
 
 
 def parse_grid(raw: dict[str, Any], source: str = "grid") -> GridConfig:
+    return parse_settings(GridConfig, raw, source)
+
+
+def parse_settings(model: type[SettingsT], raw: dict[str, Any], source: str) -> SettingsT:
+    """Validate ``raw`` as ``model``; a :class:`ConfigError` names each bad setting and the valid ones."""
     try:
-        return GridConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-        valid = ", ".join(GridConfig.model_fields)
+        valid = ", ".join(model.model_fields)
         raise ConfigError(f"{source}: {problems} (valid settings: {valid})") from None
 
 
@@ -277,6 +283,86 @@ def _budget_value(budget: str) -> int | float | str:
         return float(text)
 
 
+class Unit(NamedTuple):
+    """One prefill's worth of work: a sample under one protocol and the (method, budget) pairs it lacks."""
+
+    key: str
+    task: str
+    length: int
+    protocol: str
+    index: int
+    sample: Sample
+    missing: list[tuple[MethodEntry, str]]
+
+
+def open_output(grid: GridConfig, out_dir: str | Path) -> Path:
+    """Create ``out_dir`` and record the grid there; refuses a folder holding another grid's results."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_identity(grid, out)
+    return out
+
+
+def pending_units(grid: GridConfig, out: Path, tokenizer, limit: int | None = None) -> list[Unit]:
+    """The units ``cells.jsonl`` in ``out`` still lacks (at most ``limit``); fails fast on bad methods."""
+    planned = planned_pairs(grid)  # fails fast on unknown methods or options, naming the valid ones
+    for entry, budget in planned:
+        build_candidate(entry, budget)
+    done = done_pairs(read_cells(out / CELLS_FILE))
+    todo = []
+    for task, length, index, sample in grid_samples(grid, tokenizer):
+        for protocol in grid.protocols:
+            key = cell_key(task, length, protocol, index)
+            missing = [(e, b) for e, b in planned if (e.name, b) not in done.get(key, set())]
+            if key not in done or missing:
+                todo.append(Unit(key, task, length, protocol, index, sample, missing))
+    return todo if limit is None else todo[:limit]
+
+
+def run_unit(model, tokenizer, grid: GridConfig, unit: Unit) -> dict[str, Any]:
+    """Evaluate one unit; returns its ``cells.jsonl`` record."""
+    candidates = [build_candidate(entry, budget) for entry, budget in unit.missing]
+    result = evaluate_sample(
+        model, tokenizer, unit.sample, unit.protocol, candidates,
+        answer_prefix=grid.answer_prefix, max_new_tokens=grid.max_new_tokens,
+        attention_metrics=grid.attention_metrics, batch=grid.batch,
+    )
+    return {
+        "cell": unit.key, "task": unit.task, "length": unit.length, "protocol": unit.protocol, "index": unit.index,
+        "depth": unit.sample.meta.get("depth"), "seed": unit.sample.meta.get("seed"),
+        "reference": result.reference, "rows": result.rows, "seconds": round(result.seconds, 3),
+    }
+
+
+class CellsFile:
+    """``cells.jsonl`` opened for appending: one flushed line per record, so an interruption loses at most one."""
+
+    def __init__(self, out: Path):
+        self.path = out / CELLS_FILE
+
+    def __enter__(self) -> CellsFile:
+        cut = self.path.is_file() and self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n")
+        self._handle = self.path.open("a")
+        if cut:
+            self._handle.write("\n")  # the previous run was cut mid-line: start the next record on its own line
+        return self
+
+    def append(self, record: dict[str, Any]) -> None:
+        self._handle.write(json.dumps(record) + "\n")
+        self._handle.flush()
+
+    def __exit__(self, *exc) -> None:
+        self._handle.close()
+
+
+def finish_run(grid: GridConfig, out: Path, started: float, cells_run: int, command: str | None) -> dict[str, Any]:
+    """Write the summary files from every record in ``out``; returns the summary."""
+    from kvpress_like.eval.report import write_summary
+
+    return write_summary(grid, read_cells(out / CELLS_FILE), out, run_seconds=time.perf_counter() - started,
+                         cells_run=cells_run, command=command)
+
+
 def run_grid(
     grid: GridConfig,
     out_dir: str | Path,
@@ -287,59 +373,24 @@ def run_grid(
     command: str | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) ``grid`` into ``out_dir`` and write the summary files; returns the summary."""
-    from kvpress_like.eval.report import write_summary
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_identity(grid, out)
+    out = open_output(grid, out_dir)
     if grid.threads:
         torch.set_num_threads(grid.threads)
     if model is None:
         from kvpress_like.models import load_model
 
         model, tokenizer = load_model(grid.model, dtype=getattr(torch, grid.dtype))
-    planned = planned_pairs(grid)  # fails fast on unknown methods or options, naming the valid ones
-    for entry, budget in planned:
-        build_candidate(entry, budget)
-
-    cells_path = out / CELLS_FILE
-    done = done_pairs(read_cells(cells_path))
-    todo = []
-    for task, length, index, sample in grid_samples(grid, tokenizer):
-        for protocol in grid.protocols:
-            key = cell_key(task, length, protocol, index)
-            missing = [(e, b) for e, b in planned if (e.name, b) not in done.get(key, set())]
-            if key not in done or missing:
-                todo.append((key, task, length, protocol, index, sample, missing))
-    if limit is not None:
-        todo = todo[:limit]
-
+    todo = pending_units(grid, out, tokenizer, limit)
     bar = _progress(len(todo), grid.name, progress)
     started = time.perf_counter()
-    if cells_path.is_file() and not cells_path.read_bytes().endswith(b"\n") and cells_path.stat().st_size:
-        with cells_path.open("a") as handle:
-            handle.write("\n")  # the previous run was cut mid-line: start the next record on its own line
-    with cells_path.open("a") as handle:
-        for key, task, length, protocol, index, sample, missing in todo:
-            candidates = [build_candidate(entry, budget) for entry, budget in missing]
-            result = evaluate_sample(
-                model, tokenizer, sample, protocol, candidates,
-                answer_prefix=grid.answer_prefix, max_new_tokens=grid.max_new_tokens,
-                attention_metrics=grid.attention_metrics, batch=grid.batch,
-            )
-            record = {
-                "cell": key, "task": task, "length": length, "protocol": protocol, "index": index,
-                "depth": sample.meta.get("depth"), "seed": sample.meta.get("seed"),
-                "reference": result.reference, "rows": result.rows, "seconds": round(result.seconds, 3),
-            }
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
+    with CellsFile(out) as cells:
+        for unit in todo:
+            record = run_unit(model, tokenizer, grid, unit)
+            cells.append(record)
             bar.update(1)
-            bar.set_postfix_str(f"{key} {result.seconds:.1f}s")
+            bar.set_postfix_str(f"{unit.key} {record['seconds']:.1f}s")
     bar.close()
-    summary = write_summary(grid, read_cells(cells_path), out, run_seconds=time.perf_counter() - started,
-                            cells_run=len(todo), command=command)
-    return summary
+    return finish_run(grid, out, started, len(todo), command)
 
 
 def _check_identity(grid: GridConfig, out: Path) -> None:

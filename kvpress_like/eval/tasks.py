@@ -2,7 +2,8 @@
 
 Every generator has the signature ``(tokenizer, context_tokens, depth, seed) -> Sample``; the same
 arguments always give the same sample. ``meta`` carries what the harness needs to run a sample on its
-own: ``answer_prefix`` (text that opens the assistant turn, so answers stay short), ``max_new_tokens``
+own: ``answer_prefix`` (text that opens the answer, so answers stay short: the assistant turn of a chat
+model, or what follows the plain prompt's ``Answer:`` cue for a base model), ``max_new_tokens``
 and ``match`` (how the answers are checked). Users can bring their own JSONL of samples.
 
 * ``single_needle`` — RULER S-NIAH: one "special magic number" hidden in prose (``pydoc_data.topics``).
@@ -29,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kvpress_like.errors import ConfigError
 from kvpress_like.eval.haystack import haystack
+from kvpress_like.prompting import answer_opening
 
 MatchMode = Literal["any", "all", "word"]
 
@@ -95,7 +97,10 @@ def insert_many(paragraphs: list[str], needles: list[tuple[float, str]]) -> str:
     return "\n\n".join(out)
 
 
-def _meta(context_tokens: int, depth: float, seed: int, **extra) -> dict:
+def _meta(tokenizer, context_tokens: int, depth: float, seed: int, **extra) -> dict:
+    """A sample's ``meta``, its ``answer_prefix`` spelled to follow the tokenizer's prompt (``answer_opening``)."""
+    if "answer_prefix" in extra:
+        extra["answer_prefix"] = answer_opening(tokenizer, extra["answer_prefix"])
     return {"depth": depth, "context_tokens": context_tokens, "seed": seed, **extra}
 
 
@@ -108,7 +113,9 @@ def single_needle(tokenizer, context_tokens: int, depth: float, seed: int) -> Sa
     question = "What is the special magic number mentioned in the text? Answer with the number only."
     return Sample(
         task="single_needle", context=context, question=question, answers=[number],
-        meta=_meta(context_tokens, depth, seed, answer_prefix="The special magic number is", max_new_tokens=8),
+        meta=_meta(
+            tokenizer, context_tokens, depth, seed, answer_prefix="The special magic number is", max_new_tokens=8
+        ),
     )
 
 
@@ -127,7 +134,7 @@ def passkey(tokenizer, context_tokens: int, depth: float, seed: int) -> Sample:
     question = "What is the pass key? Answer with the number only."
     return Sample(
         task="passkey", context=context, question=question, answers=[number],
-        meta=_meta(context_tokens, depth, seed, answer_prefix="The pass key is", max_new_tokens=8),
+        meta=_meta(tokenizer, context_tokens, depth, seed, answer_prefix="The pass key is", max_new_tokens=8),
     )
 
 
@@ -155,7 +162,8 @@ def multi_key(tokenizer, context_tokens: int, depth: float, seed: int, n_keys: i
     return Sample(
         task="multi_key", context=context, question=question, answers=[values[0]],
         meta=_meta(
-            context_tokens, depth, seed, key=keys[0], distractors=dict(zip(keys[1:], values[1:], strict=True)),
+            tokenizer, context_tokens, depth, seed, key=keys[0],
+            distractors=dict(zip(keys[1:], values[1:], strict=True)),
             answer_prefix=f"The special magic number for {keys[0]} is", max_new_tokens=10,
         ),
     )
@@ -172,7 +180,7 @@ def multi_value(tokenizer, context_tokens: int, depth: float, seed: int, n_value
     return Sample(
         task="multi_value", context=context, question=question, answers=values,
         meta=_meta(
-            context_tokens, depth, seed, key=key, match="all",
+            tokenizer, context_tokens, depth, seed, key=key, match="all",
             answer_prefix=f"The special magic numbers for {key} are:", max_new_tokens=14 * n_values + 4,
         ),
     )
@@ -195,7 +203,7 @@ def variable_tracking(tokenizer, context_tokens: int, depth: float, seed: int, n
     return Sample(
         task="variable_tracking", context=context, question=question, answers=names,
         meta=_meta(
-            context_tokens, depth, seed, match="all", max_new_tokens=12 * (n_hops + 1) + 4,
+            tokenizer, context_tokens, depth, seed, match="all", max_new_tokens=12 * (n_hops + 1) + 4,
             answer_prefix=f"According to the chain of variable assignments in the text, the variables assigned the "
             f"value {value} are:",
         ),
@@ -227,7 +235,7 @@ def prose_qa(tokenizer, context_tokens: int, depth: float, seed: int, quote_word
                 return Sample(
                     task="prose_qa", context=context, question=question, answers=[answer],
                     meta=_meta(
-                        context_tokens, index / max(len(paragraphs) - 1, 1), seed, match="word",
+                        tokenizer, context_tokens, index / max(len(paragraphs) - 1, 1), seed, match="word",
                         answer_prefix="The word is", max_new_tokens=6, quote=quote,
                     ),
                 )
