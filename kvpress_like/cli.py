@@ -30,6 +30,16 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _ray_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("distributed (Ray)")
+    group.add_argument("--ray", nargs="?", const="auto", metavar="auto|local|ADDRESS",
+                       help="run the units on Ray actors: auto (a running cluster; the value when none is given), "
+                            "local (start Ray here), HOST:PORT or ray://HOST:PORT; needs pip install '.[ray]'")
+    group.add_argument("--ray-num-cpus", type=float, help="CPUs of each actor (default 1)")
+    group.add_argument("--ray-num-gpus", type=float, help="GPUs of each actor (default 0)")
+    group.add_argument("--ray-actors", type=int, help="number of actors (default: as many as the cluster holds)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvpress-like", description="KV-cache compression for transformers.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-attention-metrics", action="store_true", help="skip attention recall / similarity")
     ev.add_argument("--save-samples", help="also write the generated samples to this JSONL file")
     ev.add_argument("--out", default="results/eval", help="output folder (resumable)")
+    _ray_options(ev)
 
     ab = commands.add_parser("ablate", help="run (or resume) a YAML grid: methods × windows × budgets × lengths × …")
     ab.add_argument("grid", help="YAML grid file (see kvpress_like.eval.runner)")
@@ -71,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--limit", type=int, help="run at most this many cells now (for timing a grid)")
     ab.add_argument("--threads", type=int, default=None)
     ab.add_argument("--no-progress", action="store_true")
+    _ray_options(ab)
 
     be = commands.add_parser("bench", help="prefill/compression time ratio, decode ms/token, cache bytes, peak memory")
     _model_options(be)
@@ -134,9 +146,10 @@ def _load(args):
 
 
 def _eval(args, command: str) -> int:
-    from kvpress_like.eval.runner import parse_grid, run_grid
+    from kvpress_like.eval.runner import parse_grid
     from kvpress_like.eval.tasks import DEFAULT_DEPTHS, make_samples, save_jsonl
 
+    ray = _ray_settings(args)
     overrides = {k: getattr(args, k) for k in ("window", "scorer", "allocator", "selector") if getattr(args, k)}
     methods = [{"method": m, **({} if m == "full" else overrides)} for m in (args.method or ["dapq"])]
     raw = {
@@ -148,22 +161,49 @@ def _eval(args, command: str) -> int:
         "attention_metrics": not args.no_attention_metrics, "threads": args.threads,
     }
     grid = parse_grid(raw, "eval options")
-    model, tokenizer = _load(args)
+    if ray:
+        from kvpress_like.eval.distributed import load_tokenizer
+
+        model, tokenizer = None, load_tokenizer(args.model)  # the Ray actors load the model
+    else:
+        model, tokenizer = _load(args)
     if args.save_samples and not args.data:
         samples = [s for t in grid.tasks for n in grid.lengths
                    for s in make_samples(tokenizer, t.name, n, grid.samples, grid.seed, grid.depths, **t.options)]
         print(f"wrote {len(samples)} samples to {save_jsonl(samples, args.save_samples)}")
-    run_grid(grid, args.out, model, tokenizer, progress=not args.no_progress, command=command)
+    _run_grid(args, ray, grid, args.out, command, model=model, tokenizer=tokenizer)
     print((Path(args.out) / "summary.md").read_text())
     return 0
 
 
-def _ablate(args, command: str) -> int:
-    from kvpress_like.eval.runner import load_grid, run_grid
+def _ray_settings(args):
+    """The validated ``--ray`` options, or None for a run in this process."""
+    if not args.ray:
+        return None
+    from kvpress_like.eval.distributed import ray_settings
 
+    return ray_settings(address=args.ray, num_cpus=args.ray_num_cpus, num_gpus=args.ray_num_gpus,
+                        actors=args.ray_actors)
+
+
+def _run_grid(args, ray, grid, out: str, command: str, model=None, tokenizer=None, limit: int | None = None) -> dict:
+    """``run_grid`` here, or ``run_grid_ray`` with the ``ray`` settings."""
+    from kvpress_like.eval.runner import run_grid
+
+    if ray is None:
+        return run_grid(grid, out, model, tokenizer, progress=not args.no_progress, limit=limit, command=command)
+    from kvpress_like.eval.distributed import run_grid_ray
+
+    return run_grid_ray(grid, out, ray, tokenizer, progress=not args.no_progress, limit=limit, command=command)
+
+
+def _ablate(args, command: str) -> int:
+    from kvpress_like.eval.runner import load_grid
+
+    ray = _ray_settings(args)
     grid = load_grid(args.grid, samples=args.samples, threads=args.threads)
     out = args.out or str(Path("results") / grid.name)
-    summary = run_grid(grid, out, progress=not args.no_progress, limit=args.limit, command=command)
+    summary = _run_grid(args, ray, grid, out, command, limit=args.limit)
     timing = summary["timing"]
     print(f"{timing['cells']} cells in {out} ({timing['cells_run_now']} run now in {timing['run_seconds_now']} s; "
           f"{timing['cell_seconds_mean']} s per cell); summary: {Path(out) / 'summary.md'}")
