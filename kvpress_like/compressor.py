@@ -130,7 +130,8 @@ class LayerCompressor:
             target.replace_layer(layer_idx, keys, values, seen=length)
             return kept
         scores = self._scores(module, layer_idx, layer, kwargs, start, budget)
-        counts = self.allocator.head_budgets(scores, budget, self.selector.protected_mask(length, budget, keys.device))
+        protected = self.selector.checked_protected_mask(length, budget, keys.device)
+        counts = self.allocator.head_budgets(scores, budget, protected)
         if bool((counts == budget).all()):
             kept = self.selector.select(scores, budget)
             _check_kept(kept, scores.shape, budget, type(self.selector).__name__)

@@ -14,6 +14,8 @@ from typing import ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from kvpress_like.errors import ConfigError
+
 
 class PartConfig(BaseModel):
     """Base of every part's config: unknown keys are errors, values are immutable."""
@@ -138,6 +140,17 @@ class Selector(Part):
     def protected_mask(self, prompt_length: int, budget: int, device: torch.device) -> torch.Tensor:
         """``[L]`` bool: tokens always kept within ``budget``; none by default."""
         return torch.zeros(prompt_length, dtype=torch.bool, device=device)
+
+    def checked_protected_mask(self, prompt_length: int, budget: int, device: torch.device) -> torch.Tensor:
+        """:meth:`protected_mask`, refusing more protected tokens than the budget holds."""
+        protected = self.protected_mask(prompt_length, budget, device)
+        n_protected = int(protected.sum())
+        if n_protected > budget:
+            raise ConfigError(
+                f"{n_protected} protected tokens ({self!r}) do not fit a budget of {budget} tokens; "
+                "protect fewer tokens (for the built-in selectors: lower sinks/recent or raise the budget)"
+            )
+        return protected
 
     def select(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
         raise NotImplementedError

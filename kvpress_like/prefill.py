@@ -105,7 +105,6 @@ def prefill_many(
     check_inputs(input_ids, attention_mask)
     adapter = get_adapter(model)
     input_ids = input_ids.to(model.device)
-    length = input_ids.shape[1]
     shared = CompressedCache(model.config)
     memos: dict[tuple[str, str], dict] = {}
     jobs = [
@@ -121,7 +120,7 @@ def prefill_many(
     with ExitStack() as stack:
         for job in jobs:
             stack.enter_context(job.attached(adapter.attention_modules()))
-        logits = forward(model, shared, input_ids, torch.arange(length, device=model.device)[None])
+        logits = forward(model, shared, input_ids, _prompt_and_window(input_ids, None)[1])
     prompt_seconds = time.perf_counter() - started - sum(
         layer.seconds for job in jobs for layer in job.report.layers.values()
     )
@@ -149,14 +148,15 @@ def prefill_many(
 
 
 def _part_key(part) -> str:
-    return f"{type(part).__module__}.{type(part).__qualname__}:{part.config.model_dump_json()}"
+    """Registered name and configuration: parts with equal keys compute the same thing."""
+    return f"{part.name}:{part.config.model_dump_json()}"
 
 
 def _prompt_and_window(input_ids: torch.Tensor, plan) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ids ``[batch, L+N]`` and positions ``[batch, L+N]``: the prompt, then the window's appended rows."""
+    """Ids ``[batch, L+N]`` and positions ``[batch, L+N]``: the prompt, then the window's appended rows (if any)."""
     batch, length = input_ids.shape
     positions = torch.arange(length, device=input_ids.device).expand(batch, length)
-    if not plan.n_appended:
+    if plan is None or not plan.n_appended:
         return input_ids, positions
     ids = torch.cat([input_ids, plan.appended_ids.to(input_ids.device)], dim=1)
     return ids, torch.cat([positions, plan.appended_positions.to(input_ids.device)], dim=1)

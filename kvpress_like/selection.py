@@ -7,7 +7,6 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from kvpress_like.errors import ConfigError
 from kvpress_like.hookspecs import hookimpl
 from kvpress_like.parts import PartConfig, Selector
 
@@ -32,16 +31,6 @@ class TopKSelector(Selector):
         recent = max(self.config.recent, round(self.config.recent_fraction * budget))
         positions = torch.arange(prompt_length, device=device)
         return (positions < self.config.sinks) | (positions >= prompt_length - recent)
-
-    def checked_protected_mask(self, prompt_length: int, budget: int, device: torch.device) -> torch.Tensor:
-        protected = self.protected_mask(prompt_length, budget, device)
-        n_protected = int(protected.sum())
-        if n_protected > budget:
-            raise ConfigError(
-                f"{n_protected} protected tokens (sinks={self.config.sinks}, recent={self.config.recent}) "
-                f"do not fit a budget of {budget} tokens; lower sinks/recent or raise the budget"
-            )
-        return protected
 
     def select(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
         protected = self.checked_protected_mask(scores.shape[-1], budget, scores.device)

@@ -68,7 +68,7 @@ SPECS = [
 def test_engine_rows_batched_and_shared_equal_one_by_one(toy, sample, protocol):
     model, tokenizer = toy
     batched = evaluate_sample(model, tokenizer, sample, protocol, _candidates(SPECS), batch=True)
-    single = evaluate_sample(model, tokenizer, sample, protocol, _candidates(SPECS), batch=False, share_scores=False)
+    single = evaluate_sample(model, tokenizer, sample, protocol, _candidates(SPECS), batch=False)
     timing = ("prefill_seconds", "timing")
     assert {k: v for k, v in batched.reference.items() if k not in timing} == {
         k: v for k, v in single.reference.items() if k not in timing

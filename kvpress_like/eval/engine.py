@@ -67,45 +67,26 @@ def reference_pipeline() -> Pipeline:
 MAX_RECORDED_WINDOW = 256  # larger windows (H2O's whole prompt) would cost an L x L attention: not recorded
 
 
-class _SharedScorer:
-    """Wraps a candidate's scorer for one sample: records the window's attention, shares scores across budgets.
+class _WindowRecorder:
+    """Wraps a candidate's scorer for one sample to record the window's attention (for attention similarity).
 
-    * Attention similarity: once per window configuration and layer, the window's mean attention over
-      the prompt (``[kv_heads, group, L]``) is recorded (windows of at most ``MAX_RECORDED_WINDOW`` queries).
-    * Sharing: within one sample the scores of a layer are a function of the prompt, the window and the
-      scorer configuration only, so candidates that differ only in their budget reuse the first one's
-      scores instead of recomputing them (seven budgets cost one scoring). Scorers whose ``score`` reads
-      the budget (e.g. two-stage selections) are never shared.
+    Once per window configuration and layer, the window's mean attention over the prompt
+    (``[kv_heads, group, L]``) is recorded (windows of at most ``MAX_RECORDED_WINDOW`` queries). Scores
+    are shared across candidates that differ only in their budget by :func:`prefill_many` itself.
     """
 
-    def __init__(self, inner, windows: dict | None, memo: dict | None, window_key: str):
-        self._inner, self._windows, self._memo, self._window_key = inner, windows, memo, window_key
-        self._share = memo is not None and _budget_free(type(inner))
-        self._key = (window_key, type(inner).__name__, inner.config.model_dump_json())
+    def __init__(self, inner, windows: dict, window_key: str):
+        self._inner, self._windows, self._window_key = inner, windows, window_key
 
     def __getattr__(self, name: str):
         return getattr(self._inner, name)
 
     def score(self, ctx):
-        if self._windows is not None and 0 < ctx.queries.shape[2] <= MAX_RECORDED_WINDOW:
+        if 0 < ctx.queries.shape[2] <= MAX_RECORDED_WINDOW:
             layers = self._windows.setdefault(self._window_key, {})
             if ctx.layer_idx not in layers:
                 layers[ctx.layer_idx] = window_attention(ctx).mean(dim=3)[0]  # [kv_heads, group, L]
-        if not self._share:
-            return self._inner.score(ctx)
-        key = (*self._key, ctx.layer_idx, ctx.prompt_length)
-        if key not in self._memo:
-            self._memo[key] = self._inner.score(ctx)
-        return self._memo[key].clone()  # a selector may work in place
-
-
-def _budget_free(scorer_class) -> bool:
-    import inspect
-
-    try:
-        return "budget" not in inspect.getsource(scorer_class.score)
-    except (OSError, TypeError):
-        return False
+        return self._inner.score(ctx)
 
 
 def _window_key(pipeline: Pipeline) -> str:
@@ -146,7 +127,6 @@ def evaluate_sample(
     max_new_tokens: int | None = None,
     attention_metrics: bool = True,
     batch: bool = True,
-    share_scores: bool = True,
 ) -> SampleResult:
     """Run the reference and every candidate on ``sample`` under ``protocol``; one row per candidate."""
     started = time.perf_counter()
@@ -162,7 +142,7 @@ def evaluate_sample(
     windows: dict[str, dict[int, torch.Tensor]] = {}
     reference = reference_pipeline()
     results = _prefill(model, head, [reference] + [c.pipeline for c in runnable], prompt.question_span,
-                       windows if attention_metrics else None, errors, runnable, share_scores)
+                       windows if attention_metrics else None, errors, runnable)
     ref = results[0]
     timing = {"prefill_all": time.perf_counter() - started}
 
@@ -227,12 +207,12 @@ class _null:
         return False
 
 
-def _prefill(model, head, pipelines, span, windows, errors, runnable, share_scores=True):
+def _prefill(model, head, pipelines, span, windows, errors, runnable):
     """``prefill_many`` with window recording; if the shared run fails, each pipeline runs on its own."""
-    wrapped, memo = [], {} if share_scores else None
-    for pipeline in pipelines[1:]:
+    wrapped = []
+    for pipeline in pipelines[1:] if windows is not None else []:
         wrapped.append((pipeline, pipeline.scorer))
-        pipeline.scorer = _SharedScorer(pipeline.scorer, windows, memo, _window_key(pipeline))
+        pipeline.scorer = _WindowRecorder(pipeline.scorer, windows, _window_key(pipeline))
     try:
         try:
             return prefill_many(model, head, pipelines, question_span=span)
