@@ -137,6 +137,8 @@ def test_bad_ray_options_are_named_before_anything_runs(tmp_path):
             ray_settings(address=address)
     with pytest.raises(ConfigError, match="num_gpus"):
         ray_settings(num_gpus=-1)
+    with pytest.raises(ConfigError, match="set actors"):
+        ray_settings(num_cpus=0)
     with pytest.raises(ConfigError, match="not a Ray address"):
         main(["ablate", str(tmp_path / "missing.yaml"), "--ray", "nowhere"])
     assert ray_settings(address="ray://10.0.0.5:10001").address == "ray://10.0.0.5:10001"

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from kvpress_like.errors import ConfigError, KVPressLikeError
+from kvpress_like.errors import KVPressLikeError
 from kvpress_like.eval.runner import (
     CellsFile,
     GridConfig,
@@ -83,6 +83,12 @@ class RaySettings(BaseModel):
                 "or ray://HOST:PORT (e.g. ray://head:10001)"
             )
         return value
+
+    @model_validator(mode="after")
+    def _countable(self) -> RaySettings:
+        if not (self.num_cpus or self.num_gpus or self.actors):
+            raise ValueError("actors that need neither CPUs nor GPUs cannot be counted from the cluster: set actors")
+        return self
 
 
 def ray_settings(**options: Any) -> RaySettings:
@@ -162,7 +168,7 @@ def _connected(ray, address: str) -> Iterator[None]:
         yield
         return
     try:
-        ray.init(address=None if address == "local" else address)
+        ray.init(address=address)
     except ConnectionError as error:
         raise DistributedError(
             f"cannot connect to the Ray cluster at {address!r} ({error}); start one with `ray start --head` "
@@ -178,10 +184,8 @@ def _actor_count(ray, settings: RaySettings, units: int) -> int:
     if settings.actors:
         return min(settings.actors, units)
     resources = ray.cluster_resources()
-    fits = [int(resources.get(kind, 0) // need) for kind, need in (("CPU", settings.num_cpus),
-                                                                   ("GPU", settings.num_gpus)) if need]
-    if not fits:
-        raise ConfigError("actors that need neither CPUs nor GPUs: give their number (--ray-actors)")
+    needs = {"CPU": settings.num_cpus, "GPU": settings.num_gpus}
+    fits = [int(resources.get(kind, 0) // need) for kind, need in needs.items() if need]
     if min(fits) < 1:
         raise DistributedError(
             f"the Ray cluster offers {resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} GPUs: not "

@@ -174,7 +174,7 @@ def parse_settings(model: type[SettingsT], raw: dict[str, Any], source: str) -> 
     try:
         return model.model_validate(raw)
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors())
         valid = ", ".join(model.model_fields)
         raise ConfigError(f"{source}: {problems} (valid settings: {valid})") from None
 
