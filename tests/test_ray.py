@@ -18,7 +18,7 @@ from kvpress_like.errors import ConfigError
 from kvpress_like.eval import distributed
 from kvpress_like.eval.distributed import ACTOR_PREFIX, DistributedError, RaySettings, ray_settings, run_grid_ray
 from kvpress_like.eval.runner import parse_grid, pending_units, read_cells, run_grid, run_unit
-from kvpress_like.eval.toy import save_toy_model
+from kvpress_like.eval.toy import byte_tokenizer, save_toy_model
 
 TIMING = {"seconds", "timing", "prefill_seconds", "compress_seconds"}
 SMALL = dict(name="small", tasks=["passkey", "multi_key"], lengths=[120, 200], samples=2, budgets=["25%", "50%"],
@@ -118,6 +118,13 @@ def test_killed_worker_is_replaced_and_no_record_is_lost_or_doubled(ray_cluster,
     assert not [n for n in ray_cluster.util.list_named_actors() if n.startswith(ACTOR_PREFIX)]  # all stopped
 
 
+def test_a_worker_that_cannot_load_the_model_stops_the_run_with_its_error(ray_cluster, tmp_path):
+    grid = parse_grid({**SMALL, "model": str(tmp_path / "no-such-model"), "lengths": [120], "samples": 1})
+    with pytest.raises(DistributedError, match=r"could not start.*no-such-model"):
+        run_grid_ray(grid, tmp_path / "out", RaySettings(actors=1), tokenizer=byte_tokenizer(), progress=False)
+    assert read_cells(tmp_path / "out" / "cells.jsonl") == []
+
+
 @pytest.mark.model
 @NEEDS_SMOLLM2
 def test_one_unit_on_the_embedded_model(ray_cluster, smollm2, tmp_path):
@@ -129,6 +136,27 @@ def test_one_unit_on_the_embedded_model(ray_cluster, smollm2, tmp_path):
     (record,) = read_cells(tmp_path / "cells.jsonl")
     (unit,) = pending_units(grid, tmp_path / "fresh", smollm2[1])
     assert without_timing(record) == without_timing(run_unit(*smollm2, grid, unit))
+
+
+def test_eval_with_ray_loads_only_the_tokenizer_and_passes_the_options(toy_dir, tmp_path, monkeypatch, capsys):
+    from kvpress_like import cli
+
+    def no_model(args):
+        raise AssertionError("the driver of a Ray run must not load the model")
+
+    def local_instead(grid, out, settings, tokenizer, **kwargs):  # the runner itself is tested above
+        calls.append((settings, tokenizer))
+        return run_grid(grid, out, progress=False)
+
+    calls: list = []
+    monkeypatch.setattr(cli, "_load", no_model)
+    monkeypatch.setattr(distributed, "run_grid_ray", local_instead)
+    assert main(["eval", "--model", toy_dir, "--length", "120", "--samples", "1", "--protocol", "question_aware",
+                 "--out", str(tmp_path), "--no-progress", "--ray", "10.0.0.5:6379", "--ray-num-cpus", "2",
+                 "--ray-num-gpus", "0.5"]) == 0
+    ((settings, tokenizer),) = calls
+    assert (settings.address, settings.num_cpus, settings.num_gpus) == ("10.0.0.5:6379", 2, 0.5)
+    assert tokenizer is not None and "question_aware" in capsys.readouterr().out
 
 
 def test_bad_ray_options_are_named_before_anything_runs(tmp_path):
