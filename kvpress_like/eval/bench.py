@@ -4,20 +4,20 @@ For each prompt length and method:
 
 * **prefill ratio** — prefill + compression time of the method (one ``Pipeline.prefill``) divided by a
   plain uncompressed prefill of the same prompt; both are measured ``repeats`` times, interleaved, and
-  the medians are compared (a busy machine slows both alike);
+  the fastest runs are compared (noise on a busy machine only ever adds time);
 * **decode ms/token** — greedy decoding of ``decode_tokens`` tokens (EOS ignored) from the compressed
-  cache and from the full cache, interleaved likewise, and their ratio;
-* **cache bytes** — key/value bytes held after compression, and their share of the full cache;
-* **peak memory** — the largest amount of tensor memory allocated at once during prefill +
-  compression, above what was allocated before (on CUDA ``torch.cuda.max_memory_allocated``; on CPU
-  the allocation trace of ``torch.profiler`` with ``profile_memory=True``, in a separate untimed run).
+  cache and from the full cache, interleaved likewise, and their ratio (skipped with ``decode_tokens=0``);
+* **cache bytes** — key/value bytes held after compression, their share of the full cache, and the most
+  held at any moment of the prefill (the report's ``peak_cache_bytes``, deterministic);
+* **peak memory** — the prefill's peak memory above the loaded model, each case (the plain prefill too)
+  in a fresh process of its own (:mod:`kvpress_like.eval.memory`: peak resident set on CPU,
+  ``torch.cuda.max_memory_allocated`` on CUDA).
 """
 
 from __future__ import annotations
 
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ import torch
 
 from kvpress_like.cache import CompressedCache
 from kvpress_like.eval.haystack import haystack
+from kvpress_like.eval.memory import PLAIN, measure_case
 from kvpress_like.eval.protocols import greedy
 from kvpress_like.prefill import forward, shallow_copy
 from kvpress_like.prompting import build_prompt
@@ -59,34 +60,23 @@ def plain_prefill(model, ids: torch.Tensor):
     return cache, logits
 
 
-@torch.no_grad()
-def peak_bytes(fn) -> int:
-    """Peak tensor bytes allocated during ``fn()`` above the level at its start."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(
-        ((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-        key=lambda item: item[0],
-    )
-    level = peak = 0
-    for _, nbytes in events:
-        level += nbytes
-        peak = max(peak, level)
-    return peak
-
-
-def _decode_seconds(model, cache, logits, start: int, tokens: int) -> float:
+def _decode_seconds(model, cache, logits, start: int, tokens: int) -> float | None:
+    if not tokens:
+        return None
     seconds, _ = _timed(lambda: greedy(model, shallow_copy(cache), logits, start, tokens, eos=set()))
     return seconds / tokens
+
+
+def _ms(seconds: list[float | None]) -> float | None:
+    measured = [s for s in seconds if s is not None]
+    return 1000 * min(measured) if measured else None
+
+
+def _peak(memory: dict[str, Any] | None, method: str, length: int, chunk_size: int | None) -> int | None:
+    if memory is None:
+        return None
+    record = measure_case(memory["model"], method, length, memory["budget"], chunk_size, memory.get("threads"))
+    return record["peak_bytes"]
 
 
 def run_bench(
@@ -96,10 +86,15 @@ def run_bench(
     lengths: list[int],
     repeats: int = 3,
     decode_tokens: int = 32,
-    memory: bool = True,
+    memory: dict[str, Any] | None = None,
     progress: bool = True,
+    chunk_size: int | None = None,
 ) -> dict[str, Any]:
-    """Benchmark ``methods`` (``(label, pipeline)``) at each length; returns rows and run info."""
+    """Benchmark ``methods`` (``(registered name, pipeline)``) at each length; returns rows and run info.
+
+    ``memory`` (``{"model": name, "budget": text, "threads": n}``) measures each case's peak memory in a
+    fresh process; ``None`` skips it.
+    """
     rows = []
     total = len(lengths) * (1 + len(methods))
     bar = _bar(total, progress)
@@ -117,39 +112,42 @@ def run_bench(
             full_bytes = cache.nbytes()
             del cache
             for label, pipeline in methods:
-                seconds, result = _timed(lambda p=pipeline, ids=ids: p.prefill(model, ids))
+                seconds, result = _timed(lambda p=pipeline, ids=ids: p.prefill(model, ids, chunk_size=chunk_size))
                 method_times[label].append(seconds)
                 method_decode[label].append(
                     _decode_seconds(model, result.cache, result.next_token_logits, length, decode_tokens)
                 )
                 results[label] = result.report
+                del result
         bar.update(1)
-        plain_peak = peak_bytes(lambda ids=ids: plain_prefill(model, ids)) if memory else None
-        plain = statistics.median(plain_times)
-        full_ms = 1000 * statistics.median(full_decode)
+        plain_peak = _peak(memory, PLAIN, length, None)
+        plain = min(plain_times)
+        full_ms = _ms(full_decode)
         rows.append({
             "length": length, "method": "full (plain prefill)", "prefill_s": plain, "prefill_ratio": 1.0,
-            "decode_ms_per_token": full_ms, "decode_ratio": 1.0, "cache_bytes": full_bytes, "cache_fraction": 1.0,
-            "peak_bytes": plain_peak, "peak_ratio": 1.0 if memory else None, "budget_tokens": length,
+            "decode_ms_per_token": full_ms, "decode_ratio": 1.0 if full_ms else None, "cache_bytes": full_bytes,
+            "cache_fraction": 1.0, "peak_cache_bytes": full_bytes, "peak_bytes": plain_peak,
+            "peak_ratio": 1.0 if plain_peak else None, "budget_tokens": length,
         })
-        for label, pipeline in methods:
+        for label, _ in methods:
             report = results[label]
-            peak = peak_bytes(lambda p=pipeline, ids=ids: p.prefill(model, ids)) if memory else None
-            seconds = statistics.median(method_times[label])
-            decode_ms = 1000 * statistics.median(method_decode[label])
+            peak = _peak(memory, label, length, chunk_size)
+            seconds = min(method_times[label])
+            decode_ms = _ms(method_decode[label])
             rows.append({
                 "length": length, "method": label, "prefill_s": seconds, "prefill_ratio": seconds / plain,
-                "decode_ms_per_token": decode_ms, "decode_ratio": decode_ms / full_ms,
+                "decode_ms_per_token": decode_ms, "decode_ratio": decode_ms / full_ms if full_ms else None,
                 "cache_bytes": report.cache_bytes_after, "cache_fraction": report.cache_bytes_after / full_bytes,
-                "peak_bytes": peak, "peak_ratio": peak / plain_peak if memory and plain_peak else None,
-                "budget_tokens": report.budget,
+                "peak_cache_bytes": report.peak_cache_bytes, "peak_bytes": peak,
+                "peak_ratio": peak / plain_peak if peak and plain_peak else None, "budget_tokens": report.budget,
             })
             bar.update(1)
     bar.close()
     return {
         "rows": rows,
         "settings": {
-            "lengths": lengths, "repeats": repeats, "decode_tokens": decode_tokens, "methods": [m for m, _ in methods]
+            "lengths": lengths, "repeats": repeats, "decode_tokens": decode_tokens, "methods": [m for m, _ in methods],
+            "chunk_size": chunk_size, "statistic": "fastest of the repeats",
         },
         "machine": {
             "platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -169,26 +167,30 @@ def bench_markdown(result: dict[str, Any], model_name: str, command: str | None 
     lines = [
         f"# Benchmark: cost of compression on {model_name}", "",
         f"{m['device']}, {m['dtype']}, {m['threads']} threads, torch {m['torch']}; "
-        f"medians of {s['repeats']} interleaved "
-        f"repeats; decode = {s['decode_tokens']} greedy tokens. Ratios are against the plain prefill / full-cache "
-        "decode measured in the same run.",
+        f"fastest of {s['repeats']} interleaved "
+        f"repeats; decode = {s['decode_tokens']} greedy tokens; chunk size {s.get('chunk_size') or 'none'}. "
+        "Ratios are against the plain prefill / full-cache decode measured in the same run; peak = peak memory "
+        "above the loaded model, each case in a fresh process.",
     ]
     if command:
         lines += ["", "```bash", command, "```"]
     lines += ["", "| prompt | method | kept/head | prefill+compress (s) | ratio to plain prefill | decode ms/token | "
-              "decode ratio | cache MiB | cache share | peak MiB | peak ratio |",
-              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+              "decode ratio | cache MiB | cache share | peak cache MiB | peak MiB | peak ratio |",
+              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["rows"]:
-        peak = "–" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f}"
-        peak_ratio = "–" if r["peak_ratio"] is None else f"{r['peak_ratio']:.2f}"
         lines.append(
             f"| {r['length']} | {r['method']} | {r['budget_tokens']} | {r['prefill_s']:.2f} | "
-            f"{r['prefill_ratio']:.3f} | "
-            f"{r['decode_ms_per_token']:.1f} | {r['decode_ratio']:.2f} | {r['cache_bytes'] / 2**20:.1f} | "
-            f"{r['cache_fraction']:.3f} | {peak} | {peak_ratio} |"
+            f"{r['prefill_ratio']:.3f} | {_cell(r['decode_ms_per_token'], '.1f')} | "
+            f"{_cell(r['decode_ratio'], '.2f')} | {r['cache_bytes'] / 2**20:.1f} | {r['cache_fraction']:.3f} | "
+            f"{_cell(r['peak_cache_bytes'], '.1f', 2**20)} | {_cell(r['peak_bytes'], '.0f', 2**20)} | "
+            f"{_cell(r['peak_ratio'], '.2f')} |"
         )
     lines.append("")
     return "\n".join(lines)
+
+
+def _cell(value: float | None, spec: str, scale: float = 1) -> str:
+    return "–" if value is None else format(value / scale, spec)
 
 
 def write_bench(result: dict[str, Any], out: str | Path, model_name: str, command: str | None = None) -> list[Path]:

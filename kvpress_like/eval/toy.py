@@ -28,21 +28,25 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=EOS)
 
 
-def toy_model(seed: int = 0, layers: int = 2):
-    """A tiny random Llama (GQA 4 q / 2 kv heads, head_dim 16) with the byte tokenizer's vocabulary."""
+def toy_model(seed: int = 0, layers: int = 2, **overrides):
+    """A tiny random Llama (GQA 4 q / 2 kv heads, head_dim 16) with the byte tokenizer's vocabulary.
+
+    ``overrides`` change the ``LlamaConfig`` (e.g. ``max_position_embeddings`` for long prompts).
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=258, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=8192, bos_token_id=256, eos_token_id=257, pad_token_id=257,
-    )
+    config = LlamaConfig(**{
+        "vocab_size": 258, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": layers,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 8192,
+        "bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 257, **overrides,
+    })
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
 
 
-def save_toy_model(path: str | Path, seed: int = 0) -> Path:
-    """Write the toy model and tokenizer to ``path`` (a transformers folder)."""
+def save_toy_model(path: str | Path, seed: int = 0, layers: int = 2, **overrides) -> Path:
+    """Write the toy model (see :func:`toy_model`) and tokenizer to ``path`` (a transformers folder)."""
     path = Path(path)
-    toy_model(seed).save_pretrained(path)
+    toy_model(seed, layers, **overrides).save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
     return path

@@ -1,0 +1,111 @@
+"""Peak memory of one prefill, measured in a fresh process per case.
+
+A process of its own loads the model, warms it up on a short prompt, and then runs exactly one prefill
+(plain, or a method's compressed prefill). On CPU the peak resident set (``VmHWM``) is reset after
+the warm-up (``/proc/self/clear_refs``) and read after the prefill; what it grew above the resident set
+of the loaded, warmed-up model is the prefill's peak. On CUDA it is ``torch.cuda.max_memory_allocated``
+above the allocation before the prefill. Memory freed by one case never hides another case's peak,
+because no two cases share a process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+PLAIN = "plain"
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field} line: peak memory needs Linux")
+
+
+def _reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+
+
+def run_case(model_name: str, method: str, length: int, budget: str, chunk_size: int | None, threads: int | None):
+    """This process's measurement of one case (call it in a fresh process: see :func:`measure_case`)."""
+    import torch
+
+    from kvpress_like.eval.bench import bench_prompt, plain_prefill
+    from kvpress_like.eval.runner import _budget_value
+    from kvpress_like.factory import build
+    from kvpress_like.models import load_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    model, tokenizer = load_model(model_name)
+    ids = bench_prompt(tokenizer, length).to(model.device)
+    pipeline = None if method == PLAIN else build(method, budget=_budget_value(budget))
+
+    def prefill():
+        if pipeline is None:
+            return plain_prefill(model, ids)[0].nbytes(), None
+        report = pipeline.prefill(model, ids, chunk_size=chunk_size).report
+        return report.cache_bytes_after, report.peak_cache_bytes
+
+    with torch.no_grad():
+        plain_prefill(model, ids[:, :64])  # warm-up: kernels, allocator pools
+        gc.collect()
+        cuda = model.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            base = _status_kib("VmRSS") * 1024
+            _reset_peak_rss()
+        held, peak_cache = prefill()
+        if cuda:
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+        else:
+            peak = _status_kib("VmHWM") * 1024 - base
+    return {
+        "method": method, "length": length, "budget": budget, "chunk_size": chunk_size,
+        "peak_bytes": peak, "cache_bytes": held, "peak_cache_bytes": peak_cache,
+        "measured": "cuda max_memory_allocated" if cuda else "peak resident set (VmHWM) above the loaded model",
+    }
+
+
+def measure_case(
+    model_name: str, method: str, length: int, budget: str, chunk_size: int | None = None, threads: int | None = None
+) -> dict[str, Any]:
+    """Run :func:`run_case` in a fresh Python process and return its record."""
+    command = [sys.executable, "-m", "kvpress_like.eval.memory", "--model", model_name, "--method", method,
+               "--length", str(length), "--budget", budget]
+    if chunk_size:
+        command += ["--chunk-size", str(chunk_size)]
+    if threads:
+        command += ["--threads", str(threads)]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if done.returncode != 0:
+        raise RuntimeError(f"memory case {method} at {length} tokens failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--method", required=True, help=f"a registered method, or {PLAIN!r} for no compression")
+    parser.add_argument("--length", type=int, required=True)
+    parser.add_argument("--budget", default="10%")
+    parser.add_argument("--chunk-size", type=int)
+    parser.add_argument("--threads", type=int)
+    args = parser.parse_args(argv)
+    record = run_case(args.model, args.method, args.length, args.budget, args.chunk_size, args.threads)
+    print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
