@@ -61,8 +61,8 @@ class Pipeline:
     ) -> PrefillResult:
         """Prefill ``input_ids`` ``[batch, L]`` and compress the cache in the same forward; logits of position L−1.
 
-        ``chunk_size`` feeds the prompt in chunks of that many tokens (activation memory bounded by the
-        chunk; the same tokens are kept, see :func:`kvpress_like.prefill.compressed_prefill`).
+        ``chunk_size`` runs each layer's MLP on that many rows at a time (bounded activations; the same
+        tokens are kept, see :func:`kvpress_like.prefill.compressed_prefill`).
         """
         result = compressed_prefill(model, input_ids, self, attention_mask, question_span, chunk_size)
         self.last_report = result.report

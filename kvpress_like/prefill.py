@@ -5,10 +5,12 @@ appended rows (DapQ's pseudo queries, a ``semantic``/``union`` window) through t
 attention keeps prompt rows blind to the appended ones, so every score equals a two-pass computation.
 Each attention layer is compressed inside the forward, right after it has written its keys and values:
 the kept rows replace the layer's cache in place, so a prefill never holds more than *the kept cache +
-one layer's full keys/values + the appended rows*. With ``chunk_size`` the prompt goes in chunks (activation
-memory bounded by the chunk); the layers are compressed when the last chunk, with the appended rows, goes
-through, so every method keeps exactly the tokens of an unchunked prefill while the uncompressed cache of
-the earlier chunks is held until then.
+one layer's full keys/values + the appended rows*. With ``chunk_size`` the position-wise part of every
+decoder layer (its MLP, the largest activations: ``L × intermediate_size`` several times over) runs on
+``chunk_size`` rows at a time; attention already runs over the whole prompt in ``O(L)`` memory (SDPA).
+Row-chunking a position-wise module changes nothing but the order of work, so every method keeps exactly
+the tokens of an unchunked prefill, and the cache is still compressed layer by layer (feeding the prompt
+itself in chunks would have to hold the earlier chunks' uncompressed cache until the window's queries exist).
 
 :func:`prefill_many` (ablations) serves several pipelines from one prompt forward: it holds the full
 cache of the prompt while it writes a compressed copy per pipeline, and pipelines with appended rows
@@ -23,7 +25,6 @@ import copy
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from itertools import pairwise
 
 import torch
 
@@ -63,18 +64,16 @@ def compressed_prefill(
     cache = CompressedCache(model.config)
     job = _make_compressor(pipeline, model, adapter, input_ids, question_span, cache, target=None)
     _check_backend(model, [job])
-    plan, length = job.plan, job.plan.prompt_length
-    ids, positions = _prompt_and_window(input_ids, plan)
-    starts = list(range(0, length, chunk_size or length))
+    ids, positions = _prompt_and_window(input_ids, job.plan)
     sliding = [i for i, layer in enumerate(cache.layers) if getattr(layer, "is_sliding", False)]
 
     started = time.perf_counter()
-    with job.attached(adapter.attention_modules()):
-        for start, stop in pairwise(starts):
-            forward(model, cache, ids[:, start:stop], positions[:, start:stop])
-        last = starts[-1]
-        with _appended_rows_dropped(adapter, cache, sliding, plan.n_appended):
-            logits = forward(model, cache, ids[:, last:], positions[:, last:], logits_row=length - 1 - last)
+    with ExitStack() as stack:
+        stack.enter_context(job.attached(adapter.attention_modules()))
+        stack.enter_context(_appended_rows_dropped(adapter, cache, sliding, job.plan.n_appended))
+        if chunk_size:
+            stack.enter_context(_position_wise_in_row_chunks(adapter, chunk_size))
+        logits = forward(model, cache, ids, positions, logits_row=job.plan.prompt_length - 1)
     job.report.seconds = sum(layer.seconds for layer in job.report.layers.values())
     job.report.prefill_seconds = time.perf_counter() - started - job.report.seconds
     job.report.cache_bytes_before = sum(job.full_layer_bytes.values()) + sum(
@@ -181,6 +180,38 @@ def _appended_rows_dropped(adapter: ModelAdapter, cache: CompressedCache, layers
     finally:
         for handle in handles:
             handle.remove()
+
+
+class _RowChunked(torch.nn.Module):
+    """A position-wise module (each row's output depends on that row only) run on ``rows`` rows at a time."""
+
+    def __init__(self, inner: torch.nn.Module, rows: int):
+        super().__init__()
+        self.inner, self.rows = inner, rows
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.shape[1] <= self.rows:
+            return self.inner(hidden)
+        out = None
+        for start in range(0, hidden.shape[1], self.rows):
+            part = self.inner(hidden[:, start : start + self.rows])
+            out = part.new_empty(*hidden.shape[:2], part.shape[-1]) if out is None else out
+            out[:, start : start + part.shape[1]] = part
+        return out
+
+
+@contextmanager
+def _position_wise_in_row_chunks(adapter: ModelAdapter, rows: int):
+    """Every decoder layer's MLP runs on ``rows`` rows at a time; the original modules are put back on exit."""
+    layers = [layer for layer in adapter.decoder.layers if isinstance(getattr(layer, "mlp", None), torch.nn.Module)]
+    originals = [layer.mlp for layer in layers]
+    try:
+        for layer, mlp in zip(layers, originals, strict=True):
+            layer.mlp = _RowChunked(mlp, rows)
+        yield
+    finally:
+        for layer, mlp in zip(layers, originals, strict=True):
+            layer.mlp = mlp
 
 
 def _make_compressor(pipeline, model, adapter: ModelAdapter, input_ids, question_span, cache, target, scores_memo=None):

@@ -195,3 +195,13 @@ def test_a_failing_layer_names_itself_and_returns_no_cache():
 def test_chunk_size_must_be_a_positive_int(bad):
     with pytest.raises(ConfigError, match="chunk_size"):
         build("dapq", budget=8).prefill(_model("llama"), random_ids(20), chunk_size=bad)
+
+
+def test_row_chunked_modules_are_put_back_also_when_the_prefill_raises():
+    model = _model("llama")
+    mlps = [layer.mlp for layer in model.model.layers]
+    build("dapq", budget=8).prefill(model, random_ids(40), chunk_size=8)
+    assert [layer.mlp for layer in model.model.layers] == mlps
+    with pytest.raises(ConfigError):
+        build("dapq", budget=4, selector={"sinks": 3, "recent": 3}).prefill(model, random_ids(40), chunk_size=8)
+    assert [layer.mlp for layer in model.model.layers] == mlps
