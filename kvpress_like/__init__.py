@@ -4,6 +4,7 @@
 >>> pipeline = build("dapq", budget=256)
 """
 
+from kvpress_like.adapters import ModelAdapter
 from kvpress_like.budget import Budget
 from kvpress_like.cache import CompressedCache
 from kvpress_like.catalog import list_parts
@@ -34,6 +35,7 @@ __all__ = [
     "KVPressLikeError",
     "LayerReport",
     "MethodSpec",
+    "ModelAdapter",
     "PartChoice",
     "Pipeline",
     "PrefillResult",

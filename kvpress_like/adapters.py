@@ -1,26 +1,24 @@
-"""Model adapters: find the attention layers and recompute post-RoPE window queries.
+"""Architecture adapters: where a model's attention layers are and how they make post-RoPE queries.
 
-Supported: Llama, Mistral, Qwen2, Qwen3 (QK-norm), Phi3 (fused qkv, partial rotary) and Gemma3
-(QK-norm; only global-attention layers are compressed, sliding-window layers stay untouched).
+An adapter is a plugin like any part: ``register_adapters`` returns :class:`ModelAdapter`
+subclasses, and the registry maps every ``config.model_type`` an adapter lists to it. The built-ins:
+Llama, Mistral, Qwen2, Qwen3 (QK-norm), Phi3 (fused qkv, partial rotary) and Gemma3 (QK-norm; only
+global-attention layers are compressed, sliding-window layers stay untouched).
+
+:func:`project_queries` and :func:`window_queries` take an attention module and dispatch on its
+``config.model_type``, so code holding only a module (the compressor, scorers, the evaluation harness)
+reaches its family's adapter.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
+from transformers import DynamicCache
 
 from kvpress_like.errors import UnsupportedModelError
-
-SUPPORTED_MODEL_TYPES = {
-    "llama": "Llama",
-    "mistral": "Mistral",
-    "qwen2": "Qwen2",
-    "qwen3": "Qwen3",
-    "phi3": "Phi3",
-    "gemma3_text": "Gemma3 (text)",
-    "gemma3": "Gemma3",
-}
+from kvpress_like.hookspecs import hookimpl
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -39,58 +37,173 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([rotated * cos + _rotate_half(rotated) * sin, passed], dim=-1)
 
 
-def project_queries(module: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """Pre-RoPE queries ``[batch, q_heads, rows, head_dim]`` (after QK-norm where the model has one)."""
-    batch, rows, _ = hidden_states.shape
-    head_dim = module.head_dim
-    q_heads = module.config.num_attention_heads
-    if hasattr(module, "q_proj"):
-        queries = module.q_proj(hidden_states)
-    else:  # Phi3: fused projection, queries come first
-        queries = module.qkv_proj(hidden_states)[..., : q_heads * head_dim]
-    queries = queries.view(batch, rows, q_heads, head_dim)
-    if getattr(module, "q_norm", None) is not None:
-        queries = module.q_norm(queries)
-    return queries.transpose(1, 2)
-
-
-def window_queries(
-    module: torch.nn.Module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> torch.Tensor:
-    """Post-RoPE queries ``[batch, q_heads, rows, head_dim]`` of the attention ``module`` for these rows."""
-    return apply_rope(project_queries(module, hidden_states), cos, sin)
-
-
-@dataclass
 class ModelAdapter:
-    """The decoder layers of a supported model."""
+    """How kvpress_like reaches into one model family; the defaults fit a Llama-style decoder.
 
-    model: torch.nn.Module
+    A subclass declares ``name`` (short id: a column of the compatibility matrix), ``label`` (shown in
+    messages), ``model_types`` (the ``config.model_type`` values it handles) and, optionally,
+    ``tiny_config``: config options of a tiny random model of the family (:mod:`kvpress_like.testing`
+    builds it for the property tests and the compatibility matrix). It overrides only what its family
+    does differently. Query methods are class methods: they need the attention module, not the model.
+    """
+
+    name: ClassVar[str]
+    label: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    tiny_config: ClassVar[dict[str, Any] | None] = None
+    qk_norm: ClassVar[bool] = False  # the module normalises each head's queries (``q_norm``) before RoPE
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
 
     @property
     def decoder(self) -> torch.nn.Module:
+        """The module holding ``layers`` and ``rotary_emb``."""
         inner = self.model.model
         return getattr(inner, "language_model", inner)
 
     def attention_modules(self) -> list[torch.nn.Module]:
+        """The attention module of every decoder layer, in order (each has ``layer_idx``)."""
         return [layer.self_attn for layer in self.decoder.layers]
+
+    def compressible_layers(self) -> list[int]:
+        """Indices of the layers a pipeline may compress: every layer whose cache is not a sliding window."""
+        layers = DynamicCache(config=self.model.config).layers
+        return [i for i, layer in enumerate(layers) if not getattr(layer, "is_sliding", False)]
 
     def rope_at(self, module: torch.nn.Module, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` ``[1, n, rot_dim]`` of ``module``'s rotary embedding at ``positions``."""
-        rotary = self.decoder.rotary_emb
         probe = torch.zeros(1, dtype=module.o_proj.weight.dtype, device=positions.device)
-        if isinstance(getattr(rotary, "rope_type", None), dict):  # Gemma3: one rotary embedding per layer type
-            return rotary(probe, positions[None], module.layer_type)
-        return rotary(probe, positions[None])
+        return self.decoder.rotary_emb(probe, positions[None], *self.rotary_arguments(module))
+
+    def rotary_arguments(self, module: torch.nn.Module) -> tuple:
+        """Extra arguments of the decoder's rotary embedding for ``module``'s layer; none by default."""
+        return ()
+
+    @classmethod
+    def project_queries(cls, module: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Pre-RoPE queries ``[batch, q_heads, rows, head_dim]`` of ``module`` (after its QK-norm, if any)."""
+        batch, rows, _ = hidden_states.shape
+        queries = module.q_proj(hidden_states).view(batch, rows, module.config.num_attention_heads, module.head_dim)
+        if cls.qk_norm:
+            queries = module.q_norm(queries)
+        return queries.transpose(1, 2)
+
+    @classmethod
+    def window_queries(
+        cls, module: torch.nn.Module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """Post-RoPE queries ``[batch, q_heads, rows, head_dim]``, exactly as ``module``'s forward makes them."""
+        return apply_rope(cls.project_queries(module, hidden_states), cos, sin)
+
+
+class LlamaAdapter(ModelAdapter):
+    name, label, model_types = "llama", "Llama", ("llama",)
+    tiny_config: ClassVar[dict[str, Any]] = {"num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+class MistralAdapter(ModelAdapter):
+    name, label, model_types = "mistral", "Mistral", ("mistral",)
+    tiny_config: ClassVar[dict[str, Any]] = {"num_attention_heads": 4, "num_key_value_heads": 1, "sliding_window": None}
+
+
+class Qwen2Adapter(ModelAdapter):
+    name, label, model_types = "qwen2", "Qwen2", ("qwen2",)
+    tiny_config: ClassVar[dict[str, Any]] = {"num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+class Qwen3Adapter(ModelAdapter):
+    name, label, model_types = "qwen3", "Qwen3", ("qwen3",)
+    tiny_config: ClassVar[dict[str, Any]] = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+    qk_norm = True
+
+
+class Phi3Adapter(ModelAdapter):
+    """Phi3: one fused ``qkv_proj`` whose first ``q_heads × head_dim`` outputs are the queries."""
+
+    name, label, model_types = "phi3", "Phi3", ("phi3",)
+    tiny_config: ClassVar[dict[str, Any]] = {"num_attention_heads": 4, "num_key_value_heads": 4, "pad_token_id": 0}
+
+    @classmethod
+    def project_queries(cls, module: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, rows, _ = hidden_states.shape
+        q_heads = module.config.num_attention_heads
+        queries = module.qkv_proj(hidden_states)[..., : q_heads * module.head_dim]
+        return queries.view(batch, rows, q_heads, module.head_dim).transpose(1, 2)
+
+
+class Gemma3Adapter(ModelAdapter):
+    """Gemma3: QK-norm, one rotary embedding per layer type; sliding-window layers are left alone."""
+
+    name, label, model_types = "gemma3", "Gemma3", ("gemma3_text", "gemma3")
+    tiny_config: ClassVar[dict[str, Any]] = {
+        "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16, "num_hidden_layers": 3,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"], "sliding_window": 16,
+    }
+    qk_norm = True
+
+    def rotary_arguments(self, module: torch.nn.Module) -> tuple:
+        return (module.layer_type,)
+
+
+BUILTIN_ADAPTERS = (LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter, Phi3Adapter, Gemma3Adapter)
+
+
+@hookimpl
+def register_adapters():
+    return list(BUILTIN_ADAPTERS)
+
+
+def adapter_class(model_type: object, what: str = "this model") -> type[ModelAdapter]:
+    """The registered adapter of ``model_type``, or :class:`UnsupportedModelError` naming every registered one."""
+    adapters = _registered()
+    if model_type not in adapters:
+        families: dict[str, list[str]] = {}
+        for registered, cls in sorted(adapters.items()):
+            families.setdefault(cls.label, []).append(registered)
+        supported = ", ".join(f"{label} ({', '.join(types)})" for label, types in sorted(families.items()))
+        raise UnsupportedModelError(
+            f"{what} (model_type={model_type!r}) is not supported; supported architectures: {supported}; "
+            "a new family needs an architecture adapter plugin (docs/plugins.md, 'Adding an architecture')"
+        )
+    return adapters[model_type]
 
 
 def get_adapter(model: torch.nn.Module) -> ModelAdapter:
     """The adapter for ``model``, or :class:`UnsupportedModelError` naming what is supported."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        supported = ", ".join(sorted(set(SUPPORTED_MODEL_TYPES.values())))
-        raise UnsupportedModelError(
-            f"{type(model).__name__} (model_type={model_type!r}) is not supported; "
-            f"supported architectures: {supported}"
-        )
-    return ModelAdapter(model)
+    return adapter_class(model_type, type(model).__name__)(model)
+
+
+def _module_adapter(module: torch.nn.Module) -> type[ModelAdapter]:
+    model_type = getattr(getattr(module, "config", None), "model_type", None)
+    return adapter_class(model_type, f"attention module {type(module).__name__}")
+
+
+def project_queries(module: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Pre-RoPE queries ``[batch, q_heads, rows, head_dim]`` of an attention ``module``, through its adapter."""
+    return _module_adapter(module).project_queries(module, hidden_states)
+
+
+def window_queries(
+    module: torch.nn.Module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """Post-RoPE queries ``[batch, q_heads, rows, head_dim]`` of an attention ``module``, through its adapter."""
+    return _module_adapter(module).window_queries(module, hidden_states, cos, sin)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SUPPORTED_MODEL_TYPES":  # computed: installed plugins may add families
+        return supported_model_types()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def supported_model_types() -> dict[str, str]:
+    """``model_type -> label`` of every registered adapter."""
+    return {model_type: cls.label for model_type, cls in _registered().items()}
+
+
+def _registered() -> dict[str, type[ModelAdapter]]:
+    from kvpress_like.plugins import get_registry  # imported here: the registry checks this module's classes
+
+    return get_registry().adapters

@@ -1,6 +1,7 @@
 """The compatibility matrix: which method runs on which architecture and attention backend.
 
-Each cell compresses a prompt of a tiny random model (:mod:`kvpress_like.testing`), feeds a multi-token
+Each cell compresses a prompt of a tiny random model of a registered architecture (:mod:`kvpress_like.testing`:
+every adapter with a ``tiny_config``, plugins' included), feeds a multi-token
 continuation and checks the logits are finite; for backends other than SDPA it also compares the kept
 tokens with SDPA's. Scores that tie up to float rounding (e.g. key norms of QK-normed keys, which are
 all equal) may be broken differently by two backends: such cells report how many kept tokens differ,
@@ -17,7 +18,7 @@ from kvpress_like.errors import KVPressLikeError
 from kvpress_like.factory import build, needs_budget
 from kvpress_like.plugins import get_registry
 from kvpress_like.prefill import feed
-from kvpress_like.testing import ARCHITECTURES, make_model
+from kvpress_like.testing import architectures, make_model
 
 BACKENDS = ("sdpa", "eager")
 PROMPT_LENGTH = 128
@@ -39,12 +40,15 @@ def run_cell(method: str, model, input_ids: torch.Tensor) -> tuple[str, dict[int
     return "ok", {i: layer.kept_mask(input_ids.shape[1]) for i, layer in result.report.layers.items()}
 
 
-def compatibility_matrix(methods: list[str] | None = None) -> dict[tuple[str, str, str], str]:
-    """``(method, architecture, backend) -> status`` for every registered method."""
+def compatibility_matrix(
+    methods: list[str] | None = None, archs: list[str] | None = None
+) -> dict[tuple[str, str, str], str]:
+    """``(method, architecture, backend) -> status`` for the given (default: every registered) methods and
+    architectures (adapter names)."""
     methods = methods or sorted(get_registry().methods)
     input_ids = torch.randint(0, 256, (1, PROMPT_LENGTH), generator=torch.Generator().manual_seed(0))
     matrix = {}
-    for arch in ARCHITECTURES:
+    for arch in archs or architectures():
         models = {backend: make_model(arch, attn_implementation=backend) for backend in BACKENDS}
         for method in methods:
             reference = None
@@ -68,7 +72,7 @@ def _compare(method: str, arch: str, masks: dict, reference: dict) -> str:
 def render_markdown(matrix: dict[tuple[str, str, str], str]) -> str:
     """One row per method, one column per architecture × backend."""
     methods = sorted({key[0] for key in matrix})
-    columns = [(arch, backend) for arch in ARCHITECTURES for backend in BACKENDS]
+    columns = [(arch, backend) for arch in dict.fromkeys(key[1] for key in matrix) for backend in BACKENDS]
     header = "| method | " + " | ".join(f"{arch} {backend}" for arch, backend in columns) + " |"
     rule = "| --- |" + " --- |" * len(columns)
     rows = [

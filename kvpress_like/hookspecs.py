@@ -1,6 +1,6 @@
 """Every hook a kvpress_like plugin may implement (pluggy project name ``kvpress_like``).
 
-Registration hooks return lists of part classes or method specs; observer hooks are called
+Registration hooks return lists of part classes, architecture adapter classes or method specs; observer hooks are called
 during compression and must not modify what they are given.
 """
 
@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    from kvpress_like.adapters import ModelAdapter
     from kvpress_like.methods_spec import MethodSpec
     from kvpress_like.parts import Allocator, Scorer, Selector, WindowBuilder
     from kvpress_like.report import CompressionReport, LayerReport
@@ -43,6 +44,11 @@ def register_selectors() -> list[type[Selector]]:
 @hookspec
 def register_methods() -> list[MethodSpec]:
     """Return method specs: named assemblies of registered parts with their defaults."""
+
+
+@hookspec
+def register_adapters() -> list[type[ModelAdapter]]:
+    """Return architecture adapter classes (model family → attention layers, query projection, RoPE)."""
 
 
 @hookspec

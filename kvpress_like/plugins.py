@@ -1,6 +1,6 @@
-"""The plugin manager and the registry of parts and methods built from it.
+"""The plugin manager and the registry of parts, methods and architecture adapters built from it.
 
-Built-in parts and methods are plugins like any other: the modules in ``BUILTIN_PLUGINS`` are
+Built-in parts, methods and adapters are plugins like any other: the modules in ``BUILTIN_PLUGINS`` are
 registered first, then every entry point of the group ``kvpress_like`` is loaded. Third-party
 code may also call :func:`register_plugin` at run time.
 """
@@ -14,11 +14,13 @@ from typing import Any
 import pluggy
 
 from kvpress_like import hookspecs
+from kvpress_like.adapters import ModelAdapter
 from kvpress_like.errors import DuplicateRegistrationError, UnknownNameError
 from kvpress_like.methods_spec import MethodSpec
 from kvpress_like.parts import PART_BASES, Part
 
 BUILTIN_PLUGINS = (
+    "kvpress_like.adapters",
     "kvpress_like.windows",
     "kvpress_like.allocators",
     "kvpress_like.selection",
@@ -54,17 +56,21 @@ _REGISTRATION_HOOKS = {
 
 @dataclass
 class Registry:
-    """Name → class for each kind of part, name → spec for methods, and who registered each."""
+    """Name → class for each kind of part, name → spec for methods, architecture adapters by name and by
+    ``config.model_type``, and who registered each."""
 
     parts: dict[str, dict[str, type[Part]]] = field(default_factory=lambda: {k: {} for k in PART_BASES})
     methods: dict[str, MethodSpec] = field(default_factory=dict)
+    architectures: dict[str, type[ModelAdapter]] = field(default_factory=dict)
+    adapters: dict[str, type[ModelAdapter]] = field(default_factory=dict)
     owners: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def add(self, kind: str, name: str, item: Any, plugin: str) -> None:
-        table = self.methods if kind == "method" else self.parts[kind]
+        tables = {"method": self.methods, "architecture": self.architectures, "model_type": self.adapters}
+        table = tables[kind] if kind in tables else self.parts[kind]
         if name in table:
             raise DuplicateRegistrationError(
-                f"{kind} {name!r} is registered twice: by plugin {self.owners[(kind, name)]!r} "
+                f"{_KIND_LABEL.get(kind, kind)} {name!r} is registered twice: by plugin {self.owners[(kind, name)]!r} "
                 f"and by plugin {plugin!r}; rename one of them or unregister a plugin"
             )
         table[name] = item
@@ -83,7 +89,10 @@ class Registry:
             raise UnknownNameError("method", name, list(self.methods)) from None
 
 
-_KIND_LABEL = {"window": "window builder", "scorer": "scorer", "allocator": "allocator", "selector": "selector"}
+_KIND_LABEL = {
+    "window": "window builder", "scorer": "scorer", "allocator": "allocator", "selector": "selector",
+    "architecture": "architecture adapter", "model_type": "model type",
+}
 
 _manager: pluggy.PluginManager | None = None
 _registry: Registry | None = None
@@ -141,6 +150,12 @@ def _build_registry(manager: pluggy.PluginManager) -> Registry:
     for plugin_name, specs in _call_each(manager, "register_methods"):
         for spec in specs:
             registry.add("method", spec.name, spec, plugin_name)
+    for plugin_name, classes in _call_each(manager, "register_adapters"):
+        for cls in classes:
+            _check_adapter_class(cls, plugin_name)
+            registry.add("architecture", cls.name, cls, plugin_name)
+            for model_type in cls.model_types:
+                registry.add("model_type", model_type, cls, plugin_name)
     return registry
 
 
@@ -154,3 +169,15 @@ def _check_part_class(kind: str, cls: object, plugin_name: str) -> None:
     base = PART_BASES[kind]
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise TypeError(f"plugin {plugin_name!r} registered {cls!r} as a {kind}, but it is not a {base.__name__}")
+
+
+def _check_adapter_class(cls: object, plugin_name: str) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, ModelAdapter)):
+        raise TypeError(
+            f"plugin {plugin_name!r} registered {cls!r} as an adapter, but it is not a ModelAdapter subclass"
+        )
+    missing = [attr for attr in ("name", "label", "model_types") if not getattr(cls, attr, None)]
+    if missing:
+        raise TypeError(f"adapter {cls.__name__} of plugin {plugin_name!r} does not set {', '.join(missing)}")
+    if isinstance(cls.model_types, str):
+        raise TypeError(f"adapter {cls.__name__} of plugin {plugin_name!r}: model_types must be a tuple of strings")
