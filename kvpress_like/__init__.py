@@ -4,6 +4,7 @@
 >>> pipeline = build("dapq", budget=256)
 """
 
+from kvpress_like import _source_layout  # noqa: F401  (first: methods/ and scorers/ in a source checkout)
 from kvpress_like.adapters import ModelAdapter
 from kvpress_like.budget import Budget
 from kvpress_like.cache import CompressedCache
