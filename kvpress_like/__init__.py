@@ -6,6 +6,7 @@
 
 from kvpress_like import _source_layout  # noqa: F401  (first: methods/ and scorers/ in a source checkout)
 from kvpress_like.adapters import ModelAdapter
+from kvpress_like.attention import restore_attention, use_compressed_attention
 from kvpress_like.budget import Budget
 from kvpress_like.cache import CompressedCache
 from kvpress_like.catalog import list_parts
@@ -49,5 +50,7 @@ __all__ = [
     "list_parts",
     "prefill_many",
     "register_plugin",
+    "restore_attention",
     "unregister_plugin",
+    "use_compressed_attention",
 ]

@@ -4,6 +4,13 @@ After eviction a layer's *physical* length (rows held) is shorter than its *logi
 seen). ``get_seq_length`` reports the logical length, so models and ``generate`` give new tokens the
 positions L, L+1, … and never re-feed evicted tokens; ``get_query_offset`` reports the physical
 length, which is what attention masks index.
+
+Once compressed, full-attention layers may hold different numbers of rows (per-layer budgets), their
+heads or sequences may (a :class:`~kvpress_like.ragged.RaggedLayer`), and a padded batch's 2-D attention
+mask counts logical positions, not the rows held: no mask transformers builds can serve such a cache.
+A compressed prefill therefore sets ``own_masks``, and the cache hands each full-attention layer's rows
+to :mod:`kvpress_like.attention` as a :class:`~kvpress_like.attention.MaskedKV`, with the validity of
+every row (rows added after the prefill that were padding are remembered as such).
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from kvpress_like.errors import UnsupportedInputError
+from kvpress_like.attention import MaskedKV
 from kvpress_like.ragged import RaggedLayer
 
 
@@ -22,12 +29,45 @@ class CompressedCache(DynamicCache):
         super().__init__(config=config)
         self.evicted: dict[int, int] = {}
         self.peak_nbytes = 0
+        self.own_masks = False  # set by a compressed prefill: layers are masked by kvpress_like.attention
+        self.added_valid: dict[int, torch.Tensor] = {}  # per layer: validity of rows added after the prefill
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """DynamicCache's update, noting the bytes held afterwards (the peak of a prefill is read from here)."""
-        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        """DynamicCache's update, noting the bytes held afterwards (the peak of a prefill is read from here).
+
+        With ``own_masks`` it returns a full-attention layer's rows as a :class:`MaskedKV`.
+        """
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         self.peak_nbytes = max(self.peak_nbytes, self.nbytes())
-        return out
+        layer = self.layers[layer_idx]
+        if getattr(layer, "is_sliding", False) or not self.own_masks:
+            return keys, values
+        if isinstance(layer, RaggedLayer):
+            valid = layer.valid_rows()
+        else:
+            valid = torch.ones(keys.shape[0], 1, keys.shape[-2], dtype=torch.bool, device=keys.device)
+        added = self._added_valid(layer_idx, key_states.shape[0], key_states.shape[-2], keys.device)
+        if added.shape[-1]:
+            valid[..., -added.shape[-1] :] &= added[:, None, :]
+        rows = key_states.shape[-2]
+        return MaskedKV(keys, valid, lambda new: self._mark_added(layer_idx, new, rows)), values
+
+    def _added_valid(self, layer_idx: int, batch: int, new_rows: int, device) -> torch.Tensor:
+        """Validity ``[batch, n]`` of the rows added since the prefill, this forward's (assumed real) included."""
+        previous = self.added_valid.get(layer_idx, torch.zeros(batch, 0, dtype=torch.bool, device=device))
+        added = torch.cat([previous, torch.ones(batch, new_rows, dtype=torch.bool, device=device)], dim=-1)
+        self.added_valid[layer_idx] = added
+        return added
+
+    def _mark_added(self, layer_idx: int, valid: torch.Tensor, rows: int) -> None:
+        added = self.added_valid[layer_idx].clone()
+        added[:, -rows:] = valid.to(added.device)
+        self.added_valid[layer_idx] = added
+
+    @property
+    def needs_own_masks(self) -> bool:
+        """True when decoding must go through :mod:`kvpress_like.attention` (see the module docstring)."""
+        return self.own_masks
 
     def drop_trailing_rows(self, layer_idx: int, rows: int) -> None:
         """Forget the last ``rows`` entries of an uncompressed layer (appended window rows), as if never fed.
@@ -70,22 +110,6 @@ class CompressedCache(DynamicCache):
     def uneven(self) -> bool:
         """True when full-attention layers hold different numbers of rows (per-layer budgets)."""
         return len(set(self.full_attention_lengths())) > 1
-
-    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
-        """One mask serves every layer: with uneven layers it is sized for the longest one.
-
-        A one-token step needs no causal pattern, so every layer reads a slice of an all-visible mask.
-        Several tokens at once would need a different causal offset per layer: refused, never wrong.
-        """
-        if not self.uneven or getattr(self.layers[layer_idx], "is_sliding", False) or not self.full_attention_lengths():
-            return super().get_mask_sizes(query_length, layer_idx)
-        if query_length > 1:
-            raise UnsupportedInputError(
-                "this compressed cache holds a different number of tokens per layer (per-layer budgets), "
-                "so several new tokens cannot share one causal mask; feed them one token at a time "
-                "(kvpress_like.prefill.feed does this)"
-            )
-        return max(self.full_attention_lengths()) + query_length, 0
 
     def replace_layer(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, seen: int) -> None:
         """Hold ``keys``/``values`` for a layer that has seen ``seen`` tokens."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from kvpress_like.attention import compressed_attention
 from kvpress_like.compat import model_inputs
 from kvpress_like.errors import ConfigError
-from kvpress_like.ragged import ragged_attention
 
 
 class GenerationOptions(BaseModel):
@@ -63,7 +63,7 @@ def decode(
 ) -> list[int]:
     """Generate up to ``max_new_tokens`` ids for one sequence; the first comes from ``first_logits``."""
     generator = torch.Generator().manual_seed(options.seed) if options.seed is not None else None
-    with ragged_attention(model, cache):
+    with compressed_attention(model, cache):
         return _decode_loop(
             model, cache, first_logits, start_position, max_new_tokens, options, eos_token_ids, generator
         )

@@ -29,12 +29,12 @@ from dataclasses import dataclass
 import torch
 
 from kvpress_like.adapters import ModelAdapter, get_adapter
+from kvpress_like.attention import compressed_attention, use_compressed_attention
 from kvpress_like.cache import CompressedCache
 from kvpress_like.compat import model_inputs, record_sliding_past
 from kvpress_like.compressor import LayerCompressor
 from kvpress_like.errors import ConfigError, UnsupportedInputError, UnsupportedModelError
 from kvpress_like.plugins import get_plugin_manager
-from kvpress_like.ragged import ragged_attention
 from kvpress_like.report import CompressionReport
 
 
@@ -63,7 +63,6 @@ def compressed_prefill(
     input_ids = input_ids.to(model.device)
     cache = CompressedCache(model.config)
     job = _make_compressor(pipeline, model, adapter, input_ids, question_span, cache, target=None)
-    _check_backend(model, [job])
     ids, positions = _prompt_and_window(input_ids, job.plan)
     sliding = [i for i, layer in enumerate(cache.layers) if getattr(layer, "is_sliding", False)]
 
@@ -82,6 +81,7 @@ def compressed_prefill(
     job.report.cache_bytes_after = cache.nbytes()
     job.report.peak_cache_bytes = cache.peak_nbytes
     job.report.chunk_size = chunk_size
+    _hand_over(model, cache)
     get_plugin_manager().hook.prefill_compressed(report=job.report, pipeline=pipeline)
     return PrefillResult(cache, logits, job.report)
 
@@ -113,7 +113,6 @@ def prefill_many(
         )
         for p in pipelines
     ]
-    _check_backend(model, jobs)
 
     started = time.perf_counter()
     with ExitStack() as stack:
@@ -139,11 +138,19 @@ def prefill_many(
         job.report.cache_bytes_after = job.target.nbytes()
         job.report.cache_bytes_before = shared.nbytes()
         job.report.shared_full_cache = True
+        _hand_over(model, job.target)
     held = shared.peak_nbytes + sum(job.target.nbytes() for job in jobs)
     for job in jobs:
         job.report.peak_cache_bytes = held
         get_plugin_manager().hook.prefill_compressed(report=job.report, pipeline=job.pipeline)
     return [PrefillResult(job.target, logits, job.report) for job in jobs]
+
+
+def _hand_over(model, cache: CompressedCache) -> None:
+    """A cache that lost rows is masked layer by layer from now on: the model gets the attention that does it."""
+    cache.own_masks = any(evicted > 0 for evicted in cache.evicted.values())
+    if cache.own_masks:
+        use_compressed_attention(model)
 
 
 def _part_key(part) -> str:
@@ -245,18 +252,6 @@ def _make_compressor(pipeline, model, adapter: ModelAdapter, input_ids, question
     )
 
 
-def _check_backend(model, jobs: list[LayerCompressor]) -> None:
-    """Per-layer budgets leave layers of different lengths; eager attention cannot mask them with one mask."""
-    backend = getattr(model.config, "_attn_implementation", None)
-    for job in jobs:
-        lengths = {min(budget, job.plan.prompt_length) for budget in job.budgets.values()}
-        if len(lengths) > 1 and backend == "eager":
-            raise UnsupportedModelError(
-                f"{job.pipeline.name!r} gives layers different budgets, which the eager attention backend "
-                "cannot mask (it builds one mask for all layers); load the model with attn_implementation='sdpa'"
-            )
-
-
 def shallow_copy(cache: CompressedCache) -> CompressedCache:
     """A cache sharing the tensors of ``cache``; updates to either never affect the other.
 
@@ -266,6 +261,7 @@ def shallow_copy(cache: CompressedCache) -> CompressedCache:
     twin = copy.copy(cache)
     twin.layers = [copy.copy(layer) for layer in cache.layers]
     twin.evicted = dict(cache.evicted)
+    twin.added_valid = dict(cache.added_valid)
     return twin
 
 
@@ -278,18 +274,11 @@ def forward(model, cache, input_ids: torch.Tensor, positions: torch.Tensor, logi
 
 
 def feed(model, cache: CompressedCache, input_ids: torch.Tensor, start_position: int) -> torch.Tensor:
-    """Append ``input_ids`` to a compressed cache at positions ``start_position, …``; return the last logits.
-
-    Caches with per-layer lengths take the tokens one at a time (see ``CompressedCache.get_mask_sizes``).
-    """
+    """Append ``input_ids`` to a compressed cache at positions ``start_position, …``; return the last logits."""
     length = input_ids.shape[1]
     positions = torch.arange(start_position, start_position + length, device=model.device)[None]
-    with ragged_attention(model, cache):
-        if not cache.uneven:
-            return forward(model, cache, input_ids, positions)
-        for i in range(length):
-            logits = forward(model, cache, input_ids[:, i : i + 1], positions[:, i : i + 1])
-        return logits
+    with compressed_attention(model, cache):
+        return forward(model, cache, input_ids, positions)
 
 
 def check_chunk_size(chunk_size: int | None) -> None:

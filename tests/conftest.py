@@ -7,6 +7,7 @@ import importlib.util
 import pytest
 import torch
 
+from kvpress_like.attention import restore_attention
 from kvpress_like.models import EMBEDDED
 from kvpress_like.testing import ARCHITECTURES, make_gpt2, make_model
 
@@ -69,13 +70,15 @@ _MODEL_CACHE: dict[tuple, torch.nn.Module] = {}
 def tiny_model(arch: str = "llama", attn_implementation: str = "sdpa", seed: int = 0, **overrides):
     """``make_model`` memoised per arguments (models are read-only in the tests), with generation's
     early stop disabled (``eos_token_id = None``) so generated lengths are deterministic, and no pad
-    id (random prompts contain every id: ``generate`` would treat pad ids as padding)."""
+    id (random prompts contain every id: ``generate`` would treat pad ids as padding). A compressed prefill
+    switches a model to the ``kvpress_like`` attention; the memoised model comes back with its own."""
     key = (arch, attn_implementation, seed, tuple(sorted(overrides.items())))
     if key not in _MODEL_CACHE:
         model = make_model(arch, attn_implementation=attn_implementation, seed=seed, **overrides)
         model.generation_config.eos_token_id = None
         model.generation_config.pad_token_id = None
         _MODEL_CACHE[key] = model
+    restore_attention(_MODEL_CACHE[key])
     return _MODEL_CACHE[key]
 
 

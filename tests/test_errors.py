@@ -17,6 +17,7 @@ from kvpress_like import (
     UnsupportedModelError,
     build,
 )
+from kvpress_like.attention import restore_attention
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
@@ -216,24 +217,9 @@ def test_question_window_in_generate_needs_a_question(tokenizer):
 # ----------------------------------------------------------------------------------------------
 
 
-def test_per_layer_budgets_refuse_eager_attention():
-    with pytest.raises(UnsupportedModelError, match="attn_implementation='sdpa'"):
-        build("pyramidkv", budget=48).prefill(tiny_model("llama", attn_implementation="eager"), random_ids(120))
-
-
-def test_per_layer_budgets_refuse_several_tokens_at_once_but_accept_one():
+def test_a_compressed_cache_read_by_an_ordinary_attention_is_refused():
     model = tiny_model("llama")
     result = build("pyramidkv", budget=48).prefill(model, random_ids(120))
-    lengths = {result.cache.physical_length(i) for i in result.report.layers}
-    assert len(lengths) > 1, "the pyramid should give layers different lengths"
-    with pytest.raises(UnsupportedInputError, match="feed them one token at a time"):
+    restore_attention(model)
+    with pytest.raises(UnsupportedModelError, match="use_compressed_attention"):
         model(input_ids=random_ids(3, seed=1), cache=result.cache)
-    logits = model(input_ids=random_ids(1, seed=1), cache=result.cache).logits
-    assert torch.isfinite(logits).all()
-
-
-def test_head_adaptive_cache_needs_the_ragged_attention():
-    model = tiny_model("llama")
-    result = build("ada_dapq", budget=48).prefill(model, random_ids(120))
-    with pytest.raises(UnsupportedModelError, match="ragged_attention"):
-        model(input_ids=random_ids(1, seed=1), cache=result.cache)

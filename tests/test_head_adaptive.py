@@ -6,10 +6,11 @@ import pytest
 import torch
 from conftest import make_model
 
-from kvpress_like import UnsupportedInputError, UnsupportedModelError, build
+from kvpress_like import UnsupportedModelError, build
+from kvpress_like.attention import COMPRESSED_ATTENTION, compressed_attention, restore_attention
 from kvpress_like.compat import model_inputs
 from kvpress_like.prefill import feed, shallow_copy
-from kvpress_like.ragged import RaggedLayer, ragged_attention
+from kvpress_like.ragged import RaggedLayer
 
 
 def masked_reference_logits(model, ids, extra, kept_masks):
@@ -44,8 +45,7 @@ def test_ragged_decoding_equals_per_head_masked_reference(method, arch):
     counts = result.report.layers[0].kept_counts
     assert int(counts.sum()) == 4 * 40 and len(set(counts.flatten().tolist())) > 1, "the heads should differ here"
     assert isinstance(result.cache.layers[0], RaggedLayer)
-    with ragged_attention(model, result.cache):
-        logits = torch.stack([feed(model, result.cache, extra[:, i : i + 1], 90 + i)[0] for i in range(6)])
+    logits = torch.stack([feed(model, result.cache, extra[:, i : i + 1], 90 + i)[0] for i in range(6)])
     masks = {i: r.kept_mask(90) for i, r in result.report.layers.items()}
     reference = masked_reference_logits(model, ids, extra, masks)[0]
     torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
@@ -72,11 +72,14 @@ def test_multi_token_continuation_matches_token_by_token():
     torch.testing.assert_close(logits_at_once, logits_single, atol=1e-4, rtol=1e-4)
 
 
-def test_attention_implementation_restored_after_decoding_even_on_error():
+def test_prefill_switches_to_the_compressed_attention_and_a_context_restores_what_was_there():
     model = make_model("llama")
     cache = build("ada_snapkv", budget=40).prefill(model, torch.randint(0, 256, (1, 80))).cache
-    with pytest.raises(RuntimeError, match="boom"), ragged_attention(model, cache):
-        assert model.config._attn_implementation == "kvpress_like_ragged"
+    assert model.config._attn_implementation == COMPRESSED_ATTENTION  # so model.generate can read the cache
+    restore_attention(model)
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(RuntimeError, match="boom"), compressed_attention(model, cache):
+        assert model.config._attn_implementation == COMPRESSED_ATTENTION
         raise RuntimeError("boom")
     assert model.config._attn_implementation == "sdpa"
 
@@ -91,19 +94,18 @@ def test_shallow_copy_of_a_ragged_cache_is_independent():
     assert all(torch.equal(a, b) for a, b in zip([p for row in before for p in row], after, strict=True))
 
 
-def test_reading_a_ragged_layer_without_the_ragged_attention_is_refused():
+def test_reading_a_compressed_cache_after_switching_the_attention_back_is_refused():
     model = make_model("llama", num_key_value_heads=4)
     ids = torch.randint(0, 256, (1, 90), generator=torch.Generator().manual_seed(1))
     cache = build("ada_dapq", budget=40).prefill(model, ids).cache
     assert isinstance(cache.layers[0], RaggedLayer)
-    with pytest.raises(UnsupportedModelError, match="ragged_attention"):
+    restore_attention(model)
+    with pytest.raises(UnsupportedModelError, match="use_compressed_attention"):
         model(**model_inputs(model, cache, input_ids=ids[:, :1], position_ids=torch.tensor([[90]])))
 
 
-def test_several_tokens_into_layers_of_different_lengths_are_refused():
-    model = make_model("llama", num_hidden_layers=4)
-    ids = torch.randint(0, 256, (1, 100), generator=torch.Generator().manual_seed(2))
-    cache = build("pyramidkv", budget=40).prefill(model, ids).cache
-    assert cache.uneven
-    with pytest.raises(UnsupportedInputError, match="one token at a time"):
-        model(**model_inputs(model, cache, input_ids=ids[:, :3], position_ids=torch.arange(100, 103)[None]))
+def test_flash_attention_is_refused_rather_than_masked_wrongly():
+    model = make_model("llama")
+    model.config._attn_implementation = "flash_attention_2"  # set directly: flash-attn is not installed here
+    with pytest.raises(UnsupportedModelError, match="flash_attention_2"):
+        compressed_attention(model).__enter__()

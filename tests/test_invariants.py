@@ -3,6 +3,7 @@ builders, GQA shapes and architectures (tiny random models, CPU)."""
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 
 import pytest
@@ -215,6 +216,7 @@ def test_budget_at_least_prompt_length_generates_like_no_compression(data, spec,
 @contextmanager
 def evicted_positions_masked(model, kept: dict[int, torch.Tensor], prompt_length: int):
     """Reference for eviction equivalence, on an *uncompressed* eager model with a full cache.
+    ``kept[layer]`` is the ``[B, H_kv, L]`` bool mask of the prompt tokens that layer's KV heads kept.
 
     A forward pre-hook on every compressed attention layer replaces the (additive, eager) 4D
     attention mask it receives by a per-query-head mask ``[B, H, q, kv]``: the causal mask computed by
@@ -236,9 +238,7 @@ def evicted_positions_masked(model, kept: dict[int, torch.Tensor], prompt_length
         mask = kwargs.get("attention_mask")
         assert mask is not None and mask.dim() == 4 and mask.is_floating_point(), "expected an eager 4D mask"
         kv_len = mask.shape[-1]
-        keep = torch.zeros(batch, kept[layer].shape[1], prompt_length, dtype=torch.bool)
-        keep.scatter_(2, kept[layer], True)
-        keep = keep.repeat_interleave(heads // kept[layer].shape[1], dim=1)  # [B, H, L]
+        keep = kept[layer].repeat_interleave(heads // kept[layer].shape[1], dim=1)  # [B, H, L]
         evicted = torch.zeros(batch, heads, 1, kv_len, dtype=torch.bool)
         evicted[..., :prompt_length] = ~keep[:, :, None, :]
         new_mask = mask.expand(batch, heads, q_len, kv_len).masked_fill(evicted, torch.finfo(mask.dtype).min)
@@ -255,16 +255,22 @@ def evicted_positions_masked(model, kept: dict[int, torch.Tensor], prompt_length
 def _equivalence_case(data, spec, length, chunks, backend):
     arch, overrides = spec
     compressed_model = tiny_model(arch, attn_implementation=backend, **overrides)
-    reference_model = tiny_model(arch, attn_implementation="eager", **overrides)  # same seed: same weights
+    # same seed, same weights; a copy, because a compressed prefill switches its model's attention
+    reference_model = copy.deepcopy(tiny_model(arch, attn_implementation="eager", **overrides))
     budget = data.draw(st.integers(1, length - 1), label="budget")
     window, span = data.draw(windows(length), label="window")
+    # uniform: equal rows everywhere; pyramid: layers of different lengths; head_adaptive: ragged heads
+    allocator = data.draw(st.sampled_from(["uniform", "pyramid", "head_adaptive"]), label="allocator")
     batch = data.draw(st.integers(1, 2), label="batch")
     ids = random_ids(length, batch=batch, seed=3 * length)
     continuation = random_ids(sum(chunks), batch=batch, seed=5 * length + 1)
 
-    result = build("dapq", budget=budget, window=window).prefill(compressed_model, ids, question_span=span)
-    kept = result.report.kept_indices
-    assert all(k.shape[-1] == budget for k in kept.values())
+    pipeline = build("dapq", budget=budget, window=window, allocator=allocator)
+    result = pipeline.prefill(compressed_model, ids, question_span=span)
+    report = result.report
+    kept = {i: layer.kept_mask(length) for i, layer in report.layers.items()}
+    assert all(int(layer.kept_counts.sum()) == layer.kept_counts.numel() * layer.budget
+               for layer in report.layers.values())
 
     reference_cache, reference_logits = full_prefill(reference_model, ids)
     torch.testing.assert_close(result.next_token_logits, reference_logits[:, -1], atol=1e-4, rtol=1e-4)
@@ -278,8 +284,8 @@ def _equivalence_case(data, spec, length, chunks, backend):
                 want = reference_model(input_ids=piece, cache=reference_cache, use_cache=True).logits
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert result.cache.get_seq_length() == length + sum(chunks)
-    for i in kept:
-        assert result.cache.physical_length(i) == budget + sum(chunks)
+    for i, layer in report.layers.items():
+        assert result.cache.physical_length(i) == int(layer.kept_counts.max()) + sum(chunks)
 
 
 @SETTINGS
@@ -314,20 +320,21 @@ def test_equivalence_check_detects_wrong_positions():
     """The comparison above can fail: continuing at *physical* positions (what a plain DynamicCache
     would do after pruning) or without masking the evicted tokens gives different logits."""
     model = tiny_model("llama", attn_implementation="eager", initializer_range=0.3)
+    reference = copy.deepcopy(model)  # the compressed prefill switches `model` to the kvpress_like attention
     length, budget = 60, 10
     ids, continuation = random_ids(length, seed=1), random_ids(5, seed=2)
     result = build("dapq", budget=budget).prefill(model, ids)
-    kept = result.report.kept_indices
-    reference_cache, _ = full_prefill(model, ids)
+    kept = {i: layer.kept_mask(length) for i, layer in result.report.layers.items()}
+    reference_cache, _ = full_prefill(reference, ids)
     with torch.no_grad():
-        with evicted_positions_masked(model, kept, length):
-            want = model(input_ids=continuation, cache=reference_cache, use_cache=True).logits
+        with evicted_positions_masked(reference, kept, length):
+            want = reference(input_ids=continuation, cache=reference_cache, use_cache=True).logits
         wrong_positions = torch.arange(budget, budget + 5)[None]
         got = model(input_ids=continuation, cache=result.cache, position_ids=wrong_positions, use_cache=True).logits
         assert not torch.allclose(got, want, atol=1e-2)
         result = build("dapq", budget=budget).prefill(model, ids)
-        reference_cache, _ = full_prefill(model, ids)
-        unmasked = model(input_ids=continuation, cache=reference_cache, use_cache=True).logits
+        reference_cache, _ = full_prefill(reference, ids)
+        unmasked = reference(input_ids=continuation, cache=reference_cache, use_cache=True).logits
         got = model(input_ids=continuation, cache=result.cache, use_cache=True).logits
         assert not torch.allclose(got, unmasked, atol=1e-2)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

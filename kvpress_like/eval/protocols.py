@@ -18,12 +18,12 @@ from typing import Literal
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from kvpress_like.attention import compressed_attention
 from kvpress_like.cache import CompressedCache
 from kvpress_like.compat import model_inputs
 from kvpress_like.errors import ConfigError
 from kvpress_like.prefill import shallow_copy
 from kvpress_like.prompting import build_prompt
-from kvpress_like.ragged import ragged_attention
 
 Protocol = Literal["question_aware", "query_agnostic"]
 PROTOCOLS: tuple[str, ...] = ("question_aware", "query_agnostic")
@@ -87,6 +87,7 @@ def stack(model, caches: list[CompressedCache]) -> CompressedCache:
         keys = torch.cat([c.layers[i].keys for c in caches], dim=0)
         values = torch.cat([c.layers[i].values for c in caches], dim=0)
         out.replace_layer(i, keys, values, seen=caches[0].get_seq_length(i))
+    out.own_masks = any(c.own_masks for c in caches)
     return out
 
 
@@ -99,6 +100,7 @@ def select_rows(model, cache: CompressedCache, rows: list[int]) -> CompressedCac
     for i, layer in enumerate(cache.layers):
         out.replace_layer(i, layer.keys.index_select(0, index), layer.values.index_select(0, index),
                           seen=cache.get_seq_length(i))
+    out.own_masks = cache.own_masks
     return out
 
 
@@ -119,13 +121,10 @@ def _step(model, cache, ids: torch.Tensor, start: int, keep_all: bool) -> torch.
 def logits_along(model, cache, ids: torch.Tensor, start: int) -> torch.Tensor:
     """Feed ``ids`` ``[batch, t]`` at positions ``start…`` into ``cache``; logits of every row ``[batch, t, V]``.
 
-    Caches whose layers hold different numbers of rows take the tokens one at a time (one causal mask
-    cannot serve them all); ragged caches run under the ragged attention.
+    Compressed caches run under :mod:`kvpress_like.attention` (each layer masked by its own rows).
     """
-    with ragged_attention(model, cache):
-        if not getattr(cache, "uneven", False):
-            return _step(model, cache, ids, start, keep_all=True)
-        return torch.cat([_step(model, cache, ids[:, i : i + 1], start + i, True) for i in range(ids.shape[1])], 1)
+    with compressed_attention(model, cache):
+        return _step(model, cache, ids, start, keep_all=True)
 
 
 @torch.no_grad()
@@ -135,7 +134,7 @@ def greedy(model, cache, first_logits: torch.Tensor, start: int, max_new_tokens:
     answers: list[list[int]] = [[] for _ in range(batch)]
     done = [False] * batch
     logits = first_logits
-    with ragged_attention(model, cache):
+    with compressed_attention(model, cache):
         for step in range(max_new_tokens):
             tokens = logits.argmax(-1)
             for row in range(batch):
