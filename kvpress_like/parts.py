@@ -78,7 +78,8 @@ class LayerContext:
     attention inputs of the prompt rows ``[batch, L, hidden]`` (in a chunked prefill only for scorers
     that declare ``reads_hidden_states``); ``rope_at(positions)`` gives the layer's
     ``(cos, sin)`` ``[1, n, rot_dim]`` at any positions (for scorers that look ahead, e.g. Expected
-    Attention); ``budget`` is the number of tokens this layer keeps.
+    Attention). ``budget`` (the tokens this layer keeps) is not for scorers: a scorer never sees the budget,
+    which is the selector's business; no built-in scorer reads it and the field is due to go.
     """
 
     layer_idx: int
@@ -101,14 +102,17 @@ class LayerContext:
 class Scorer(Part):
     """Scores every prompt key: ``[batch, kv_heads, prompt_length]``, higher means keep.
 
+    Scores never depend on the budget, so one scoring serves every budget. Usually they are real. A
+    scorer whose method selects in two stages returns them complex instead: the real part is the score
+    every selector ranks by, the imaginary part a *first-stage* score that a two-stage selector (``critical``:
+    part of the budget by the first-stage score, the rest by the real part) reads as well.
+
     A scorer declares what it reads beyond the window's queries and the keys/values:
-    ``reads_budget`` (its scores change with ``ctx.budget``, so they are never shared across budgets)
-    and ``reads_hidden_states`` (it reads ``ctx.hidden_states``; a chunked prefill then keeps the
-    prompt's attention inputs until the last chunk).
+    ``reads_hidden_states`` (it reads ``ctx.hidden_states``; a chunked prefill then keeps the prompt's
+    attention inputs until the last chunk).
     """
 
     kind = "scorer"
-    reads_budget: ClassVar[bool] = False
     reads_hidden_states: ClassVar[bool] = False
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
@@ -133,7 +137,11 @@ class Allocator(Part):
 
 
 class Selector(Part):
-    """Turns scores and a per-layer budget into kept prompt indices ``[batch, kv_heads, k]``, sorted."""
+    """Turns scores and a per-layer budget into kept prompt indices ``[batch, kv_heads, k]``, sorted.
+
+    It ranks by the real part of the scores; only a two-stage selector reads the first-stage scores in
+    the imaginary part of complex scores (see :class:`Scorer`).
+    """
 
     kind = "selector"
 

@@ -1,4 +1,8 @@
-"""Selectors: which prompt tokens are kept, given their scores and a budget."""
+"""Selectors: which prompt tokens are kept, given their scores and a budget.
+
+Every selector ranks by the real part of the scores; ``critical`` also reads the first-stage scores that
+a two-stage scorer puts in the imaginary part (see :class:`kvpress_like.parts.Scorer`).
+"""
 
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ class TopKSelector(Selector):
 
     def select(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
         protected = self.checked_protected_mask(scores.shape[-1], budget, scores.device)
-        ranked = scores.float().masked_fill(protected, float("inf"))
+        ranked = scores.real.float().masked_fill(protected, float("inf"))
         kept = ranked.topk(budget, dim=-1).indices
         return kept.sort(dim=-1).values
 
@@ -69,7 +73,7 @@ class ChunkSelector(TopKSelector):
         protected = self.checked_protected_mask(prompt_length, budget, scores.device)
         ids = self.chunk_ids(prompt_length, scores.device)
         n_chunks = int(ids[-1]) + 1
-        free = scores.float().masked_fill(protected, float("nan"))
+        free = scores.real.float().masked_fill(protected, float("nan"))
         index = ids.expand_as(free)
         if self.config.aggregation == "mean":
             total = torch.zeros(*free.shape[:2], n_chunks, device=free.device).scatter_add_(
@@ -89,6 +93,34 @@ class ChunkSelector(TopKSelector):
         return kept.sort(dim=-1).values
 
 
+class CriticalConfig(TopKConfig):
+    first_stage_ratio: float = Field(
+        0.5, ge=0, le=1, description="share of the budget chosen by the first-stage scores alone"
+    )
+
+
+class CriticalSelector(TopKSelector):
+    """CriticalKV's two-stage selection (Feng et al. 2025): first the ``round(first_stage_ratio × budget)``
+    tokens with the highest first-stage scores (the imaginary part: plain attention from the ``critical``
+    scorer), then the rest of the budget by the scores proper (the real part). Protected tokens count
+    inside the budget and come first. Real scores are their own first stage: this is then top-k.
+    """
+
+    name = "critical"
+    summary = "first part of the budget by first-stage scores, the rest by the scores (CriticalKV)"
+    Config = CriticalConfig
+
+    def select(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
+        weighted = scores.real
+        first_stage = scores.imag if scores.is_complex() else weighted
+        first = min(round(self.config.first_stage_ratio * budget), scores.shape[-1])
+        if first:
+            chosen = first_stage.topk(first, dim=-1).indices
+            boost = weighted.amax(dim=-1, keepdim=True) + 1  # finite: protected tokens (+inf) still rank first
+            weighted = weighted.scatter(-1, chosen, boost.expand_as(chosen) + first_stage.gather(-1, chosen))
+        return super().select(weighted, budget)
+
+
 @hookimpl
 def register_selectors():
-    return [TopKSelector, ChunkSelector]
+    return [TopKSelector, ChunkSelector, CriticalSelector]

@@ -14,12 +14,14 @@ from kvpress_like.methods_spec import MethodSpec, PartChoice
 
 
 def critical(base: MethodSpec) -> MethodSpec:
-    """``base`` with its attention scorer replaced by the CriticalKV re-weighting (same options)."""
+    """``base`` with the CriticalKV re-weighting as scorer (same options) and its two-stage selection as
+    selector (same protected tokens)."""
     return base.variant(
         f"critical_{base.name}",
         f"{base.name} scores × projected value norm, two-stage selection (CriticalKV)",
         "Feng et al. 2025, CriticalKV",
-        scorer=PartChoice(name="critical", options={**base.scorer.options, "first_stage_ratio": 0.5}),
+        scorer=PartChoice(name="critical", options=base.scorer.options),
+        selector=PartChoice(name="critical", options={**base.selector.options, "first_stage_ratio": 0.5}),
     )
 
 

@@ -2,22 +2,18 @@
 
 CriticalKV, Feng et al. 2025 ("Identify Critical KV Cache in LLM Inference from an Output Perturbation
 Perspective"). Score = attention × ‖W_o^h v‖₁ (the value projected by the head's slice of the output
-projection), averaged over each KV group; two-stage selection: the top ``first_stage_ratio`` × budget
-tokens by plain attention are taken first, the rest by the re-weighted score.
+projection), averaged over each KV group. The paper's two-stage selection (part of the budget by plain
+attention first) is the ``critical`` selector's job: this scorer hands it plain attention as the
+first-stage score, in the imaginary part of complex scores (see :class:`kvpress_like.parts.Scorer`).
 """
 
 from __future__ import annotations
 
 import torch
-from pydantic import Field
 
 from kvpress_like.hookspecs import hookimpl
 from kvpress_like.parts import LayerContext, Scorer
 from kvpress_like.scorers.attention import AttentionConfig, attention_scores
-
-
-class CriticalConfig(AttentionConfig):
-    first_stage_ratio: float = Field(0.5, ge=0, le=1, description="share of the budget chosen by attention alone")
 
 
 def projected_value_norm(ctx: LayerContext) -> torch.Tensor:
@@ -33,22 +29,15 @@ def projected_value_norm(ctx: LayerContext) -> torch.Tensor:
 
 
 class CriticalScorer(Scorer):
-    """Attention scores × projected value norm, with a first stage chosen by attention alone."""
+    """Attention × projected value norm (real part), with plain attention as the first-stage score (imaginary part)."""
 
     name = "critical"
-    summary = "attention × ‖W_o v‖₁ with a two-stage selection (CriticalKV)"
-    Config = CriticalConfig
-    reads_budget = True
+    summary = "attention × ‖W_o v‖₁, plain attention as first-stage score (CriticalKV)"
+    Config = AttentionConfig
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         attention = attention_scores(ctx, self.config)
-        weighted = attention * projected_value_norm(ctx)
-        first = round(self.config.first_stage_ratio * ctx.budget)
-        if first == 0:
-            return weighted
-        chosen = attention.topk(min(first, attention.shape[-1]), dim=-1).indices
-        boost = weighted.amax(dim=-1, keepdim=True) + 1  # finite: protected tokens (+inf) still rank first
-        return weighted.scatter(-1, chosen, boost.expand_as(chosen) + attention.gather(-1, chosen))
+        return torch.complex(attention * projected_value_norm(ctx), attention)
 
 
 @hookimpl
