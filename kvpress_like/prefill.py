@@ -35,6 +35,7 @@ from kvpress_like.compat import model_inputs, record_sliding_past
 from kvpress_like.compressor import LayerCompressor
 from kvpress_like.errors import ConfigError, UnsupportedInputError, UnsupportedModelError
 from kvpress_like.plugins import get_plugin_manager
+from kvpress_like.ragged import RaggedLayer
 from kvpress_like.report import CompressionReport
 
 
@@ -147,8 +148,10 @@ def prefill_many(
 
 
 def _hand_over(model, cache: CompressedCache) -> None:
-    """A cache that lost rows is masked layer by layer from now on: the model gets the attention that does it."""
-    cache.own_masks = any(evicted > 0 for evicted in cache.evicted.values())
+    """A cache that lost rows (or whose heads hold different numbers of rows) is masked layer by layer from
+    now on: the model gets the attention that does it."""
+    ragged = any(isinstance(layer, RaggedLayer) for layer in cache.layers)
+    cache.own_masks = ragged or any(evicted > 0 for evicted in cache.evicted.values())
     if cache.own_masks:
         use_compressed_attention(model)
 
