@@ -27,10 +27,10 @@ def test_every_method_runs_on_every_architecture_with_sdpa(matrix):
                 assert status.startswith("ok"), f"{method} on {arch}: {status}"
 
 
-def test_refusals_are_only_per_layer_budgets_on_eager(matrix):
-    refused = {key for key, status in matrix.items() if not status.startswith("ok")}
-    for method, arch, backend in refused:
-        assert backend == "eager" and "pyramid" in method, (method, arch, backend, matrix[(method, arch, backend)])
+def test_nothing_is_refused(matrix):
+    """Every method decodes multi-token continuations on every architecture with sdpa and eager."""
+    refused = {key: status for key, status in matrix.items() if not status.startswith("ok")}
+    assert refused == {}
 
 
 def test_published_matrix_is_up_to_date(matrix):
