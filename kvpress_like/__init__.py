@@ -25,6 +25,7 @@ from kvpress_like.pipeline import Pipeline
 from kvpress_like.plugins import register_plugin, unregister_plugin
 from kvpress_like.prefill import PrefillResult, prefill_many
 from kvpress_like.report import CompressionReport, LayerReport
+from kvpress_like.scorers.attention import window_attention
 
 __version__ = "0.1.0"
 
@@ -53,4 +54,5 @@ __all__ = [
     "restore_attention",
     "unregister_plugin",
     "use_compressed_attention",
+    "window_attention",
 ]

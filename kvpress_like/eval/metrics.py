@@ -19,6 +19,9 @@ from collections.abc import Sequence
 
 import torch
 
+from kvpress_like.parts import LayerContext
+from kvpress_like.scorers.attention import window_attention
+
 
 def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
     """Wilson score interval of a binomial proportion (95% for the default ``z``); ``(nan, nan)`` if n = 0."""
@@ -80,17 +83,14 @@ def attention_mass(
 
     ``queries`` ``[batch, q_heads, rows, d]``, ``keys`` ``[batch, kv_heads, T, d]``, ``query_rows``
     ``[rows]`` (each query's own row in the key axis: it sees keys ``<= row``). Returns
-    ``[batch, kv_heads, group, prefix]`` (group = q_heads / kv_heads), float32.
+    ``[batch, kv_heads, group, prefix]`` (group = q_heads / kv_heads), float32: the attention the
+    scorers see (:func:`kvpress_like.window_attention`).
     """
-    batch, q_heads, rows, dim = queries.shape
-    kv_heads, total = keys.shape[1], keys.shape[2]
-    group = q_heads // kv_heads
-    q = queries.float().reshape(batch, kv_heads, group * rows, dim)
-    logits = q @ keys.float().transpose(-1, -2) * scaling
-    visible = torch.arange(total, device=keys.device)[None, :] <= query_rows.to(keys.device)[:, None]
-    logits = logits.masked_fill(~visible.repeat(group, 1), float("-inf"))
-    probs = logits.softmax(-1)[..., :prefix]
-    return probs.reshape(batch, kv_heads, group, rows, prefix).sum(3)
+    ctx = LayerContext(
+        layer_idx=0, module=None, queries=queries, keys=keys, values=keys, query_rows=query_rows,
+        prompt_length=prefix, scaling=scaling, budget=prefix, hidden_states=None, rope_at=None,
+    )
+    return window_attention(ctx).sum(dim=3)
 
 
 def attention_recall(mass: torch.Tensor, kept: torch.Tensor) -> float:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
-from kvpress_like_example_plugin.plugin import PeakAttentionScorer
+from kvpress_like_example_plugin.plugin import PeakAttentionConfig, PeakAttentionScorer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvpress_like import build, list_parts
@@ -16,11 +17,27 @@ def context(queries, keys, query_rows, prompt_length):
                         budget=4, hidden_states=torch.zeros(1, len(query_rows), 8), rope_at=None)
 
 
-def test_one_score_per_prompt_key_and_kv_head():
+def naive_peak(ctx, temperature: float, gqa: str) -> torch.Tensor:
+    """Query head by query head, query by query: softmax over the keys it sees, the peak on each prompt key."""
+    batch, q_heads, window, _ = ctx.queries.shape
+    group = q_heads // ctx.keys.shape[1]
+    peaks = torch.zeros(batch, q_heads, ctx.prompt_length)
+    for b in range(batch):
+        for h in range(q_heads):
+            for w in range(window):
+                seen = ctx.keys[b, h // group, : int(ctx.query_rows[w]) + 1]
+                probs = (seen @ ctx.queries[b, h, w] * ctx.scaling / temperature).softmax(dim=0)
+                peaks[b, h, : len(probs)] = torch.maximum(peaks[b, h, : len(probs)], probs[: ctx.prompt_length])
+    grouped = peaks.reshape(batch, -1, group, ctx.prompt_length)
+    return grouped.mean(dim=2) if gqa == "mean" else grouped.amax(dim=2)
+
+
+@pytest.mark.parametrize(("gqa", "temperature"), [("max", 1.0), ("mean", 2.5)])
+def test_scores_match_a_naive_reference(gqa, temperature):
     ctx = context(torch.randn(2, 4, 3, 8), torch.randn(2, 2, 13, 8), torch.arange(10, 13), prompt_length=10)
-    scores = PeakAttentionScorer().score(ctx)
+    scores = PeakAttentionScorer(PeakAttentionConfig(gqa=gqa, temperature=temperature)).score(ctx)
     assert scores.shape == (2, 2, 10)
-    assert bool((scores >= 0).all()) and bool((scores <= 1).all())
+    assert torch.allclose(scores, naive_peak(ctx, temperature, gqa), atol=1e-6)
 
 
 def test_queries_never_see_later_keys():

@@ -6,12 +6,13 @@ softmax attention any window query puts on it (DapQ's Eq. 4 sums that attention 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 import torch
 from pydantic import Field
 
-from kvpress_like import ConfigError, MethodSpec, PartChoice, hookimpl
+from kvpress_like import ConfigError, MethodSpec, PartChoice, hookimpl, window_attention
 from kvpress_like.parts import LayerContext, PartConfig, Scorer
 
 
@@ -28,18 +29,12 @@ class PeakAttentionScorer(Scorer):
     Config = PeakAttentionConfig
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
-        batch, q_heads, window, head_dim = ctx.queries.shape
-        if window == 0:
+        if ctx.queries.shape[2] == 0:
             raise ConfigError("the example_peak scorer needs query rows: pick a window other than 'none'")
-        kv_heads, rows = ctx.keys.shape[1], ctx.keys.shape[2]
-        group = q_heads // kv_heads
-        # Query head h reads KV head h // group: stack each group's queries against its keys. O(window × rows).
-        queries = ctx.queries.reshape(batch, kv_heads, group * window, head_dim).float()
-        logits = queries @ ctx.keys.float().transpose(-1, -2) * (ctx.scaling / self.config.temperature)
-        visible = torch.arange(rows, device=logits.device) <= ctx.query_rows.to(logits.device)[:, None]
-        logits = logits.masked_fill(~visible.repeat(group, 1), float("-inf"))  # causal, as in the forward
-        probs = logits.softmax(dim=-1)[..., : ctx.prompt_length]  # only prompt keys are candidates
-        peak = probs.reshape(batch, kv_heads, group, window, ctx.prompt_length).amax(dim=3)
+        # Causal softmax attention of every window query on the prompt keys, [batch, kv_heads, group, window, L]:
+        # query head h reads KV head h // group, as in the forward. O(window × rows); a temperature scales the logits.
+        probs = window_attention(replace(ctx, scaling=ctx.scaling / self.config.temperature))
+        peak = probs.amax(dim=3)  # the largest attention any window query puts on each key
         return peak.mean(dim=2) if self.config.gqa == "mean" else peak.amax(dim=2)  # [batch, kv_heads, L]
 
 
