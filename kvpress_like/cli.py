@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         catalog = list_parts()
         print(json.dumps(catalog, indent=2, default=str) if args.json else format_catalog(catalog))
     elif args.command == "demo":
-        from kvpress_like.demo import run_demo
+        from kvpress_like.eval.demo import run_demo
 
         print(run_demo(args.model, args.context_tokens, args.depth, args.seed))
     elif args.command == "eval":

@@ -1,4 +1,4 @@
-"""The README's main job: a needle in ~1.5k tokens of prose, answered with and without compression."""
+"""``kvpress-like demo``: a needle in ~1.5k tokens of prose, answered with and without compression."""
 
 from __future__ import annotations
 
