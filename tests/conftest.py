@@ -47,16 +47,6 @@ def gemma3():
     return load_model("gemma3-270m")
 
 
-@pytest.fixture(scope="session")
-def llama():
-    return make_model("llama")
-
-
-@pytest.fixture(scope="session", params=sorted(ARCHITECTURES))
-def any_model(request):
-    return make_model(request.param)
-
-
 # ---------------------------------------------------------------------------------------------
 # Helpers shared by the test modules (import them with ``from conftest import ...``).
 # ---------------------------------------------------------------------------------------------

@@ -86,7 +86,14 @@ def test_engine_rows_batched_and_shared_equal_one_by_one(toy, sample, protocol):
     assert full["kl"] == pytest.approx(0.0, abs=1e-6) and full["recall"] == pytest.approx(1.0)
     compressed = batched.rows[1]
     assert compressed["recall"] < 1.0 and 0.15 < compressed["cache_fraction"] < 0.25
-    assert compressed["similarity"] is not None and -1.0 <= compressed["similarity"] <= 1.0
+    # similarity depends on the window only: one value for every budget of a window, the same batched or not
+    similarity = {(r["label"], r["budget"]): r["similarity"] for r in batched.rows if r["error"] is None}
+    assert similarity[("dapq", "100%")] == similarity[("dapq", "20%")] == similarity[("dapq", "40%")]
+    assert similarity == {(r["label"], r["budget"]): r["similarity"] for r in single.rows if r["error"] is None}
+    assert similarity[("suffix", "20%")] != similarity[("dapq", "20%")]
+    layers = [value for value in compressed["similarity_layers"] if value is not None]
+    assert len(layers) == model.config.num_hidden_layers
+    assert compressed["similarity"] == pytest.approx(sum(layers) / len(layers), abs=1e-4)
     assert len(compressed["recall_layers"]) == model.config.num_hidden_layers
     assert "protected tokens" in batched.rows[-1]["error"]
 
@@ -150,14 +157,29 @@ def test_windows_axis_multiplies_methods():
     assert names == ["full", "dapq", "dapq+window=suffix", "dapq+window={name:semantic,position_start:5}"]
 
 
-def test_summary_markdown_reports_ci_and_b95(toy, tmp_path):
+@pytest.mark.parametrize("correct_at_25", [2, 1])
+def test_summary_markdown_reports_ci_and_b95(toy, tmp_path, correct_at_25):
     model, tokenizer = toy
     grid = _grid(budgets=["25%", "100%"], samples=2)
+    run_grid(grid, tmp_path, model, tokenizer, progress=False)
+    # The toy model answers nonsense: give the records known outcomes (the full cache right on both
+    # samples, dapq at 100% too, dapq at 25% on ``correct_at_25`` of them) and summarise them again.
+    cells = tmp_path / "cells.jsonl"
+    records = [json.loads(line) for line in cells.read_text().splitlines()]
+    for i, record in enumerate(records):
+        record["reference"]["correct"] = True
+        for row in record["rows"]:
+            row["correct"] = row["budget"] == "100%" or i < correct_at_25
+    cells.write_text("".join(json.dumps(record) + "\n" for record in records))
     summary = run_grid(grid, tmp_path, model, tokenizer, progress=False)
+    assert summary["timing"]["cells_run_now"] == 0
+
+    rows = {(r["method"], r["budget"]): r for r in summary["table"]}
+    retention_at_25 = (correct_at_25 / 2) / 1.0  # dapq's accuracy / the full cache's, same samples
+    assert rows[("dapq", "25%")]["retention"] == pytest.approx(retention_at_25)
+    assert rows[("dapq", "100%")]["retention"] == rows[("full", "100%")]["accuracy"] == 1.0
+    expected_b95 = "25%" if retention_at_25 >= 0.95 else "100%"  # retention at 100% is 1.0
+    data = json.loads((tmp_path / "summary.json").read_text())
+    assert {r["method"]: r["b95"] for r in data["b95"]} == {"dapq": expected_b95}
     text = (tmp_path / "summary.md").read_text()
     assert "Wilson 95%" in text and "| dapq |" in text and "B95" in text
-    rows = {(r["method"], r["budget"]): r for r in summary["table"]}
-    assert rows[("dapq", "100%")]["accuracy"] == rows[("full", "100%")]["accuracy"]
-    data = json.loads((tmp_path / "summary.json").read_text())
-    b95 = {r["method"]: r["b95"] for r in data["b95"]}
-    assert b95["dapq"] in ("25%", "100%", None)

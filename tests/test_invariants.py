@@ -548,9 +548,14 @@ def test_sliding_window_configs_are_compressed_or_rejected(arch, sliding_window)
     assert all(kept.shape[-1] == 8 for kept in report.kept_indices.values())
 
 
-def test_physical_length_of_sliding_layers_is_rows_held():
-    model = tiny_model("gemma3")
-    length = 40  # > sliding_window (16)
-    cache = build("dapq", budget=8).prefill(model, random_ids(length)).cache
-    for i in range(len(cache.layers)):
-        assert cache.physical_length(i) == cache.layers[i].keys.shape[-2]
+def test_physical_length_of_sliding_layers_is_their_window():
+    model = tiny_model("gemma3")  # layers: sliding (window 16), full, sliding
+    length, budget, ids = 40, 8, random_ids(40)  # a prompt longer than the window
+    cache = build("dapq", budget=budget).prefill(model, ids).cache  # DapQ appends 32 pseudo rows, then drops them
+    window = model.config.sliding_window
+    # a sliding layer holds the prompt's last window - 1 rows (the next token completes its window)
+    assert [cache.physical_length(i) for i in range(3)] == [window - 1, budget, window - 1] == [15, 8, 15]
+    assert [cache.get_seq_length(i) for i in range(3)] == [length] * 3
+    full, _ = full_prefill(model, ids)
+    for i in (0, 2):
+        assert torch.allclose(cache.layers[i].keys, full.layers[i].keys[:, :, -(window - 1) :], atol=1e-6)
