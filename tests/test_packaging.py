@@ -60,7 +60,8 @@ def test_non_editable_install_imports_from_the_repository_root_and_elsewhere(whe
     assert result.returncode == 0, result.stderr
     name, package, module = result.stdout.split()
     home = ROOT if where == "repository root" else target
-    assert name == "attention" and Path(package).is_relative_to(home) and Path(module).is_relative_to(home), result.stdout
+    assert name == "attention", result.stdout
+    assert Path(package).is_relative_to(home) and Path(module).is_relative_to(home), result.stdout
 
 
 @pytest.mark.skipif(shutil.which("ruff") is None and not (Path(sys.executable).parent / "ruff").exists(),
