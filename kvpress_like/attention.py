@@ -94,9 +94,10 @@ def compressed_attention_forward(module, query, key, value, attention_mask, **kw
     if not isinstance(key, MaskedKV):
         return _base_attention(module)(module, query, key, value, bundle.standard, **kwargs)
     q_length = query.shape[2]
-    if bundle.new_valid is not None:
-        key.mark_new_rows(bundle.new_valid[:, -q_length:])
-    visible = layer_mask(key.valid, q_length, None)
+    new_valid = None if bundle.new_valid is None else bundle.new_valid[:, -q_length:]
+    if new_valid is not None:
+        key.mark_new_rows(new_valid)
+    visible = layer_mask(key.valid, q_length, new_valid)
     group = query.shape[1] // visible.shape[1] if visible.shape[1] > 1 else 1
     visible = visible.repeat_interleave(group, dim=1)
     if _base(module) == "eager":

@@ -19,6 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from kvpress_like.attention import MaskedKV
+from kvpress_like.errors import UnsupportedInputError
 from kvpress_like.ragged import RaggedLayer
 
 
@@ -30,6 +31,7 @@ class CompressedCache(DynamicCache):
         self.evicted: dict[int, int] = {}
         self.peak_nbytes = 0
         self.own_masks = False  # set by a compressed prefill: layers are masked by kvpress_like.attention
+        self.token_mask: torch.Tensor | None = None  # [batch, logical length]: which tokens are real (padding)
         self.added_valid: dict[int, torch.Tensor] = {}  # per layer: validity of rows added after the prefill
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -37,6 +39,8 @@ class CompressedCache(DynamicCache):
 
         With ``own_masks`` it returns a full-attention layer's rows as a :class:`MaskedKV`.
         """
+        if self.own_masks:
+            self._check_new_positions(layer_idx, kwargs.get("kwargs", {}).get("position_ids"))
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         self.peak_nbytes = max(self.peak_nbytes, self.nbytes())
         layer = self.layers[layer_idx]
@@ -51,6 +55,23 @@ class CompressedCache(DynamicCache):
             valid[..., -added.shape[-1] :] &= added[:, None, :]
         rows = key_states.shape[-2]
         return MaskedKV(keys, valid, lambda new: self._mark_added(layer_idx, new, rows)), values
+
+    def _check_new_positions(self, layer_idx: int, position_ids: torch.Tensor | None) -> None:
+        """Refuse tokens placed at positions this cache has already seen (``model.generate`` given only the ids
+        that were prefilled feeds them all again: the answer would be silently wrong)."""
+        if position_ids is None:
+            return
+        before = self.get_seq_length(layer_idx)
+        seen = torch.tensor([before]) if self.token_mask is None else self.token_mask[:, :before].sum(dim=1).cpu()
+        last = position_ids[:, -1].cpu()
+        if bool((last < seen).any()):
+            raise UnsupportedInputError(
+                f"tokens fed at positions up to {last.tolist()}, which this compressed cache has already seen "
+                f"({seen.tolist()} tokens): feed only what follows the prefilled ids. To continue right after the "
+                "prefill, decode from its logits: kvpress_like.decoding.decode_batch(model, result.cache, "
+                "result.next_token_logits, ...) or Pipeline.generate; with model.generate, prefill ids[:, :-1] "
+                "and pass ids (transformers then feeds the last token)"
+            )
 
     def _added_valid(self, layer_idx: int, batch: int, new_rows: int, device) -> torch.Tensor:
         """Validity ``[batch, n]`` of the rows added since the prefill, this forward's (assumed real) included."""

@@ -120,29 +120,37 @@ class LayerCompressor:
         return torch.cat([*self.prompt_inputs.get(layer_idx, []), current], dim=1)
 
     def _compress(self, module, layer_idx: int, source: CompressedCache, kwargs, start: int):
-        length, budget = self.plan.prompt_length, self.budgets[layer_idx]
         layer = source.layers[layer_idx]
-        keys, values = layer.keys[:, :, :length], layer.values[:, :, :length]
+        kept, keys, values = self.select(module, layer_idx, layer.keys, layer.values, kwargs, start)
         target = self.target if self.target is not None else source
-        self.full_layer_bytes[layer_idx] = 2 * keys.numel() * keys.element_size()
+        length = self.plan.prompt_length
+        self.full_layer_bytes[layer_idx] = 2 * layer.keys[:, :, :length].numel() * layer.keys.element_size()
+        if isinstance(keys, torch.Tensor):
+            target.replace_layer(layer_idx, keys, values, seen=length)
+        else:
+            target.replace_with_ragged(layer_idx, RaggedLayer(keys, values), seen=length)
+        return kept
+
+    def select(self, module, layer_idx: int, all_keys, all_values, kwargs, start: int):
+        """Kept indices and the kept keys and values of one layer, from its rows ``all_keys``/``all_values``
+        ``[batch, kv_heads, T, head_dim]`` (prompt, then any appended rows). Dense tensors when every
+        (sequence, head) keeps the same count; otherwise per (sequence, head) lists."""
+        length, budget = self.plan.prompt_length, self.budgets[layer_idx]
+        keys, values = all_keys[:, :, :length], all_values[:, :, :length]
         if budget >= length:  # nothing to evict: every prompt row stays, in order
             kept = torch.arange(length, device=keys.device).expand(keys.shape[0], keys.shape[1], length)
-            target.replace_layer(layer_idx, keys, values, seen=length)
-            return kept
-        scores = self._scores(module, layer_idx, layer, kwargs, start, budget)
+            return kept, keys, values
+        scores = self._scores(module, layer_idx, all_keys, all_values, kwargs, start, budget)
         protected = self.selector.checked_protected_mask(length, budget, keys.device)
         counts = self.allocator.head_budgets(scores, budget, protected)
         if bool((counts == budget).all()):
             kept = self.selector.select(scores, budget)
             _check_kept(kept, scores.shape, budget, type(self.selector).__name__)
             index = kept.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
-            target.replace_layer(layer_idx, keys.gather(2, index), values.gather(2, index), seen=length)
-            return kept
-        kept, ragged = self._select_ragged(scores, counts, keys, values)
-        target.replace_with_ragged(layer_idx, ragged, seen=length)
-        return kept
+            return kept, keys.gather(2, index), values.gather(2, index)
+        return self._select_ragged(scores, counts, keys, values)
 
-    def _scores(self, module, layer_idx: int, layer, kwargs, start: int, budget: int) -> torch.Tensor:
+    def _scores(self, module, layer_idx: int, keys, values, kwargs, start: int, budget: int) -> torch.Tensor:
         key = (layer_idx, budget) if getattr(self.scorer, "reads_budget", False) else layer_idx
         if self.scores_memo is not None and key in self.scores_memo:
             return self.scores_memo[key].clone()  # a selector may work in place
@@ -150,8 +158,8 @@ class LayerCompressor:
             layer_idx=layer_idx,
             module=module,
             queries=window_queries(module, *self._window_inputs(layer_idx, kwargs, start)),
-            keys=layer.keys,
-            values=layer.values,
+            keys=keys,
+            values=values,
             query_rows=self.plan.window_rows,
             prompt_length=self.plan.prompt_length,
             scaling=module.scaling,
@@ -164,7 +172,7 @@ class LayerCompressor:
             self.scores_memo[key] = scores.clone()
         return scores
 
-    def _select_ragged(self, scores, counts, keys, values) -> tuple[list[list[torch.Tensor]], RaggedLayer]:
+    def _select_ragged(self, scores, counts, keys, values) -> tuple[list[list[torch.Tensor]], ...]:
         """Per (sequence, head) selection with its own count, stored without padding."""
         kept, key_parts, value_parts = [], [], []
         for b in range(scores.shape[0]):
@@ -179,7 +187,48 @@ class LayerCompressor:
             kept.append(kept_row)
             key_parts.append(key_row)
             value_parts.append(value_row)
-        return kept, RaggedLayer(key_parts, value_parts)
+        return kept, key_parts, value_parts
+
+
+@dataclass
+class PaddedBatchCompressor(LayerCompressor):
+    """A left-padded batch, each sequence compressed exactly as if it ran alone.
+
+    Left padding shifts a sequence's rows by its pad count, prompt and appended rows alike, so sequence
+    ``b`` sees the layer's rows from ``pads[b]`` on in its own coordinates: its own window (``sequences[b]``,
+    planned on its unpadded ids), its own budget (a ratio resolves against its own length), its own
+    protected tokens. Kept counts then differ between sequences, so the layer is stored ragged (exact
+    bytes); kept indices are reported per sequence in the sequence's own positions.
+    """
+
+    sequences: list[LayerCompressor] = field(default_factory=list)
+    pads: list[int] = field(default_factory=list)
+
+    @property
+    def rows_needed(self) -> int:
+        return 0  # one forward holds every row of every sequence
+
+    def _compress(self, module, layer_idx: int, source: CompressedCache, kwargs, start: int):
+        layer = source.layers[layer_idx]
+        kept, key_parts, value_parts = [], [], []
+        for b, (job, pad) in enumerate(zip(self.sequences, self.pads, strict=True)):
+            cos, sin = kwargs["position_embeddings"]
+            view = {**kwargs, "hidden_states": kwargs["hidden_states"][b : b + 1, pad:],
+                    "position_embeddings": (cos[b : b + 1, pad:], sin[b : b + 1, pad:])}
+            try:
+                indices, keys, values = job.select(
+                    module, layer_idx, layer.keys[b : b + 1, :, pad:], layer.values[b : b + 1, :, pad:], view, 0
+                )
+            except Exception as error:
+                error.add_note(f"kvpress_like: in sequence {b} of the batch ({job.plan.prompt_length} tokens)")
+                raise
+            kept.append(list(indices[0]))
+            key_parts.append(list(keys[0]))
+            value_parts.append(list(values[0]))
+        length = self.plan.prompt_length
+        self.full_layer_bytes[layer_idx] = 2 * layer.keys[:, :, :length].numel() * layer.keys.element_size()
+        source.replace_with_ragged(layer_idx, RaggedLayer(key_parts, value_parts), seen=length)
+        return kept
 
 
 def _check_kept(kept: torch.Tensor, score_shape: torch.Size, budget: int, selector: str) -> None:

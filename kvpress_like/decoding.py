@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kvpress_like.attention import compressed_attention
-from kvpress_like.compat import model_inputs
 from kvpress_like.errors import ConfigError
+from kvpress_like.prefill import feed
 
 
 class GenerationOptions(BaseModel):
@@ -62,31 +61,38 @@ def decode(
     eos_token_ids: set[int],
 ) -> list[int]:
     """Generate up to ``max_new_tokens`` ids for one sequence; the first comes from ``first_logits``."""
-    generator = torch.Generator().manual_seed(options.seed) if options.seed is not None else None
-    with compressed_attention(model, cache):
-        return _decode_loop(
-            model, cache, first_logits, start_position, max_new_tokens, options, eos_token_ids, generator
-        )
-
-
-def _decode_loop(model, cache, logits, position, max_new_tokens, options, eos_token_ids, generator) -> list[int]:
-    tokens: list[int] = []
-    for _ in range(max_new_tokens):
-        token = next_token(logits, options, generator)
-        tokens.append(int(token[0]))
-        if options.stop_at_eos and tokens[-1] in eos_token_ids:
-            break
-        if len(tokens) == max_new_tokens:
-            break
-        out = model(
-            **model_inputs(
-                model,
-                cache,
-                input_ids=token.view(1, 1).to(model.device),
-                position_ids=torch.tensor([[position]], device=model.device),
-                logits_to_keep=1,
-            )
-        )
-        logits = out.logits[:, -1]
-        position += 1
+    (tokens,) = decode_batch(model, cache, first_logits, max_new_tokens, options, eos_token_ids, start_position)
     return tokens
+
+
+@torch.no_grad()
+def decode_batch(
+    model,
+    cache,
+    first_logits: torch.Tensor,
+    max_new_tokens: int,
+    options: GenerationOptions,
+    eos_token_ids: set[int],
+    start_position: int | None = None,
+) -> list[list[int]]:
+    """Generate up to ``max_new_tokens`` ids per sequence of ``first_logits`` ``[batch, vocab]``.
+
+    Each sequence stops at its own end-of-sequence token (when ``options.stop_at_eos``); positions continue
+    per sequence (see :func:`kvpress_like.prefill.feed`).
+    """
+    generator = torch.Generator().manual_seed(options.seed) if options.seed is not None else None
+    batch = first_logits.shape[0]
+    answers: list[list[int]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    logits, position = first_logits, start_position
+    for step in range(max_new_tokens):
+        token = next_token(logits, options, generator)
+        for row in range(batch):
+            if not done[row]:
+                answers[row].append(int(token[row]))
+                done[row] = options.stop_at_eos and answers[row][-1] in eos_token_ids
+        if all(done) or step == max_new_tokens - 1:
+            break
+        logits = feed(model, cache, token[:, None].to(model.device), position)
+        position = None if position is None else position + 1
+    return answers

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 from kvpress_like.budget import Budget
-from kvpress_like.decoding import decode, parse_generation_options
+from kvpress_like.decoding import decode_batch, parse_generation_options
+from kvpress_like.errors import UnsupportedInputError
 from kvpress_like.parts import Allocator, Scorer, Selector, WindowBuilder
 from kvpress_like.prefill import PrefillResult, compressed_prefill, feed
 from kvpress_like.prompting import build_prompt
@@ -73,31 +74,65 @@ class Pipeline:
         self,
         model,
         tokenizer,
-        context: str,
-        question: str | None = None,
+        context: str | list[str],
+        question: str | list[str] | None = None,
         question_aware: bool = True,
         max_new_tokens: int = 32,
         chunk_size: int | None = None,
         **generation_kwargs: Any,
-    ) -> str:
+    ) -> str | list[str]:
         """Compress and answer; the report of the compression is left in ``self.last_report``.
 
         Question-aware: the question is inside the compressed prompt (DapQ's protocol). Query-agnostic:
         only the context is compressed and the question is fed after it (kvpress's protocol).
-        ``chunk_size`` chunks the prefill (see :meth:`prefill`).
-        Options: ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop_at_eos``.
+        A list of contexts (and of questions) runs as one left-padded batch, each sequence compressed and
+        answered as if alone; the answers come back as a list. ``chunk_size`` chunks the prefill (see
+        :meth:`prefill`). Options: ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop_at_eos``.
         """
         options = parse_generation_options(generation_kwargs)
-        prompt = build_prompt(tokenizer, context, question)
-        ids = prompt.input_ids
-        if question is None or question_aware:
-            result = self.prefill(model, ids, question_span=prompt.question_span, chunk_size=chunk_size)
+        contexts, questions = _as_batch(context, question)
+        prompts = [build_prompt(tokenizer, c, q) for c, q in zip(contexts, questions, strict=True)]
+        if questions[0] is None or question_aware:
+            ids, mask = left_padded([p.input_ids[0] for p in prompts])
+            spans = [p.question_span for p in prompts]
+            result = self.prefill(model, ids, mask if len(prompts) > 1 else None,
+                                  question_span=spans if len(prompts) > 1 else spans[0], chunk_size=chunk_size)
             logits = result.next_token_logits
         else:
-            result = self.prefill(model, ids[:, : prompt.context_length], chunk_size=chunk_size)
-            logits = feed(model, result.cache, ids[:, prompt.context_length :].to(model.device), prompt.context_length)
-        tokens = decode(model, result.cache, logits, ids.shape[1], max_new_tokens, options, eos_ids(model, tokenizer))
-        return tokenizer.decode(tokens, skip_special_tokens=True)
+            ids, mask = left_padded([p.input_ids[0, : p.context_length] for p in prompts])
+            result = self.prefill(model, ids, mask if len(prompts) > 1 else None, chunk_size=chunk_size)
+            rest, rest_mask = left_padded([p.input_ids[0, p.context_length :] for p in prompts])
+            logits = feed(model, result.cache, rest.to(model.device), attention_mask=rest_mask)
+        answers = decode_batch(model, result.cache, logits, max_new_tokens, options, eos_ids(model, tokenizer))
+        texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in answers]
+        return texts if isinstance(context, list) else texts[0]
+
+
+def _as_batch(context, question) -> tuple[list[str], list[str | None]]:
+    """Contexts and questions as equal-length lists (one question may serve every context)."""
+    if not isinstance(context, list):
+        if isinstance(question, list):
+            raise UnsupportedInputError("a list of questions needs a list of contexts of the same length")
+        return [context], [question]
+    if not context:
+        raise UnsupportedInputError("the list of contexts is empty")
+    questions = question if isinstance(question, list) else [question] * len(context)
+    if len(questions) != len(context):
+        raise UnsupportedInputError(f"{len(context)} contexts but {len(questions)} questions: give one per context")
+    if len({q is None for q in questions}) > 1:
+        raise UnsupportedInputError("give a question for every context, or for none")
+    return context, questions
+
+
+def left_padded(rows: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths as ``[batch, longest]`` ids and attention mask, padded on the left."""
+    longest = max(row.shape[0] for row in rows)
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), longest, dtype=torch.long)
+    for b, row in enumerate(rows):
+        if row.shape[0]:
+            ids[b, longest - row.shape[0] :], mask[b, longest - row.shape[0] :] = row, 1
+    return ids, mask
 
 
 def eos_ids(model, tokenizer) -> set[int]:

@@ -32,8 +32,9 @@ from kvpress_like.adapters import ModelAdapter, get_adapter
 from kvpress_like.attention import compressed_attention, use_compressed_attention
 from kvpress_like.cache import CompressedCache
 from kvpress_like.compat import model_inputs, record_sliding_past
-from kvpress_like.compressor import LayerCompressor
+from kvpress_like.compressor import LayerCompressor, PaddedBatchCompressor
 from kvpress_like.errors import ConfigError, UnsupportedInputError, UnsupportedModelError
+from kvpress_like.parts import WindowPlan
 from kvpress_like.plugins import get_plugin_manager
 from kvpress_like.ragged import RaggedLayer
 from kvpress_like.report import CompressionReport
@@ -57,14 +58,29 @@ def compressed_prefill(
     question_span: tuple[int, int] | None = None,
     chunk_size: int | None = None,
 ) -> PrefillResult:
-    """Prefill ``input_ids`` ``[batch, L]`` and compress every layer inside the same forward."""
+    """Prefill ``input_ids`` ``[batch, L]`` and compress every layer inside the same forward.
+
+    A left-padded batch (``attention_mask`` with zeros on the left) compresses each sequence as if it ran
+    alone; ``question_span`` is then a list with one span (or ``None``) per sequence, in its own positions.
+    """
     check_inputs(input_ids, attention_mask)
     check_chunk_size(chunk_size)
     adapter = get_adapter(model)
     input_ids = input_ids.to(model.device)
     cache = CompressedCache(model.config)
-    job = _make_compressor(pipeline, model, adapter, input_ids, question_span, cache, target=None)
-    ids, positions = _prompt_and_window(input_ids, job.plan)
+    padded = attention_mask is not None and not bool(attention_mask.bool().all())
+    if padded:
+        mask = attention_mask.to(model.device).bool()
+        job = _padded_batch_compressor(pipeline, model, adapter, input_ids, mask, question_span, cache)
+        ids, positions = _prompt_and_window(input_ids, job.plan, mask)
+        rows = torch.arange(job.plan.n_appended, device=mask.device)
+        appended = torch.stack([rows < seq.plan.n_appended for seq in job.sequences])  # the rest is padding
+        forward_mask = torch.cat([mask, appended], dim=1)
+        cache.token_mask = mask
+    else:
+        job = _make_compressor(pipeline, model, adapter, input_ids, question_span, cache, target=None)
+        ids, positions = _prompt_and_window(input_ids, job.plan)
+        forward_mask = None
     sliding = [i for i, layer in enumerate(cache.layers) if getattr(layer, "is_sliding", False)]
 
     started = time.perf_counter()
@@ -73,7 +89,8 @@ def compressed_prefill(
         stack.enter_context(_appended_rows_dropped(adapter, cache, sliding, job.plan.n_appended))
         if chunk_size:
             stack.enter_context(_position_wise_in_row_chunks(adapter, chunk_size))
-        logits = forward(model, cache, ids, positions, logits_row=job.plan.prompt_length - 1)
+        last_prompt_row = job.plan.prompt_length - 1
+        logits = forward(model, cache, ids, positions, logits_row=last_prompt_row, attention_mask=forward_mask)
     job.report.seconds = sum(layer.seconds for layer in job.report.layers.values())
     job.report.prefill_seconds = time.perf_counter() - started - job.report.seconds
     job.report.cache_bytes_before = sum(job.full_layer_bytes.values()) + sum(
@@ -82,7 +99,7 @@ def compressed_prefill(
     job.report.cache_bytes_after = cache.nbytes()
     job.report.peak_cache_bytes = cache.peak_nbytes
     job.report.chunk_size = chunk_size
-    _hand_over(model, cache)
+    _hand_over(model, cache, padded)
     get_plugin_manager().hook.prefill_compressed(report=job.report, pipeline=pipeline)
     return PrefillResult(cache, logits, job.report)
 
@@ -147,11 +164,11 @@ def prefill_many(
     return [PrefillResult(job.target, logits, job.report) for job in jobs]
 
 
-def _hand_over(model, cache: CompressedCache) -> None:
-    """A cache that lost rows (or whose heads hold different numbers of rows) is masked layer by layer from
-    now on: the model gets the attention that does it."""
+def _hand_over(model, cache: CompressedCache, padded: bool = False) -> None:
+    """A cache that lost rows, whose heads hold different numbers of rows or that came from a padded batch
+    is masked layer by layer from now on: the model gets the attention that does it."""
     ragged = any(isinstance(layer, RaggedLayer) for layer in cache.layers)
-    cache.own_masks = ragged or any(evicted > 0 for evicted in cache.evicted.values())
+    cache.own_masks = padded or ragged or any(evicted > 0 for evicted in cache.evicted.values())
     if cache.own_masks:
         use_compressed_attention(model)
 
@@ -161,10 +178,16 @@ def _part_key(part) -> str:
     return f"{part.name}:{part.config.model_dump_json()}"
 
 
-def _prompt_and_window(input_ids: torch.Tensor, plan) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ids ``[batch, L+N]`` and positions ``[batch, L+N]``: the prompt, then the window's appended rows (if any)."""
+def _prompt_and_window(input_ids: torch.Tensor, plan, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """Ids ``[batch, L+N]`` and positions ``[batch, L+N]``: the prompt, then the window's appended rows (if any).
+
+    With a left-padding ``mask`` each sequence's positions start at 0 on its first real token.
+    """
     batch, length = input_ids.shape
-    positions = torch.arange(length, device=input_ids.device).expand(batch, length)
+    if mask is None:
+        positions = torch.arange(length, device=input_ids.device).expand(batch, length)
+    else:
+        positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
     if plan is None or not plan.n_appended:
         return input_ids, positions
     ids = torch.cat([input_ids, plan.appended_ids.to(input_ids.device)], dim=1)
@@ -224,6 +247,57 @@ def _position_wise_in_row_chunks(adapter: ModelAdapter, rows: int):
             layer.mlp = mlp
 
 
+def _padded_batch_compressor(pipeline, model, adapter, input_ids, mask, question_span, cache) -> PaddedBatchCompressor:
+    """One compressor per sequence, planned on its unpadded ids, behind one hook."""
+    batch, length = input_ids.shape
+    spans = [None] * batch if question_span is None else list(question_span)
+    if len(spans) != batch or not all(span is None or isinstance(span, tuple) for span in spans):
+        raise UnsupportedInputError(
+            f"a padded batch of {batch} sequences needs question_span as a list of {batch} (start, end) tuples "
+            "or None, each in its own sequence's positions (without the padding)"
+        )
+    pads = (length - mask.sum(dim=1)).tolist()
+    sequences = [
+        _make_compressor(pipeline, model, adapter, input_ids[b : b + 1, pad:], spans[b], cache, target=None)
+        for b, pad in enumerate(pads)
+    ]
+    appended = max(job.plan.n_appended for job in sequences)
+    plan = WindowPlan(
+        length, torch.zeros(0, dtype=torch.long, device=input_ids.device),
+        *(_appended_rows_padded([job.plan for job in sequences], appended) if appended else (None, None)),
+    )
+    report = CompressionReport(
+        pipeline.name, length, [job.report.budget for job in sequences],
+        uncompressed_layers=sequences[0].report.uncompressed_layers,
+        sequence_lengths=[length - pad for pad in pads],
+    )
+    return PaddedBatchCompressor(
+        plan=plan, target=None, scorer=pipeline.scorer, selector=pipeline.selector, allocator=pipeline.allocator,
+        budgets={i: [job.budgets[i] for job in sequences] for i in sequences[0].budgets},
+        report=report, pipeline=pipeline, rope_at=adapter.rope_at, sequences=sequences, pads=pads,
+    )
+
+
+def _appended_rows_padded(plans: list[WindowPlan], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every sequence's appended ids and positions ``[batch, rows]``, shorter ones padded at the end.
+
+    The padding rows come after every row a sequence uses and are masked out of the forward, so they
+    change nothing.
+    """
+    def padded(tensor: torch.Tensor | None, fill: torch.Tensor) -> torch.Tensor:
+        have = 0 if tensor is None else tensor.shape[1]
+        tail = fill.expand(1, rows - have)
+        return tail if tensor is None else torch.cat([tensor, tail], dim=1)
+
+    zero = torch.zeros(1, 1, dtype=torch.long, device=plans[0].window_rows.device)
+    ids = torch.cat([padded(plan.appended_ids, zero) for plan in plans])
+    positions = torch.cat([
+        padded(plan.appended_positions, zero if plan.appended_positions is None else plan.appended_positions[:, -1:])
+        for plan in plans
+    ])
+    return ids, positions
+
+
 def _make_compressor(pipeline, model, adapter: ModelAdapter, input_ids, question_span, cache, target, scores_memo=None):
     plan = pipeline.window.plan(input_ids, question_span)
     budget = pipeline.budget.resolve(plan.prompt_length)
@@ -268,20 +342,50 @@ def shallow_copy(cache: CompressedCache) -> CompressedCache:
     return twin
 
 
-def forward(model, cache, input_ids: torch.Tensor, positions: torch.Tensor, logits_row: int = -1) -> torch.Tensor:
-    """Run ``input_ids`` at ``positions`` (``[n]`` or ``[batch, n]``) into ``cache``; one row's logits (last)."""
+def forward(
+    model, cache, input_ids: torch.Tensor, positions: torch.Tensor, logits_row: int = -1,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run ``input_ids`` at ``positions`` (``[n]`` or ``[batch, n]``) into ``cache``; one row's logits (last).
+
+    ``attention_mask`` is the 2-D mask over every token so far (logical positions), when there is padding.
+    """
     positions = positions[None] if positions.dim() == 1 else positions
     rows = 1 if logits_row == -1 else torch.tensor([logits_row], device=input_ids.device)
-    out = model(**model_inputs(model, cache, input_ids=input_ids, position_ids=positions, logits_to_keep=rows))
+    inputs = {"input_ids": input_ids, "position_ids": positions, "logits_to_keep": rows}
+    if attention_mask is not None:
+        inputs["attention_mask"] = attention_mask.long()
+    out = model(**model_inputs(model, cache, **inputs))
     return out.logits[:, -1]
 
 
-def feed(model, cache: CompressedCache, input_ids: torch.Tensor, start_position: int) -> torch.Tensor:
-    """Append ``input_ids`` to a compressed cache at positions ``start_position, …``; return the last logits."""
-    length = input_ids.shape[1]
-    positions = torch.arange(start_position, start_position + length, device=model.device)[None]
+def feed(
+    model, cache: CompressedCache, input_ids: torch.Tensor, start_position: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Append ``input_ids`` ``[batch, n]`` to a cache; return the last row's logits ``[batch, vocab]``.
+
+    Positions continue each sequence from its own number of real tokens (``start_position, …`` when
+    given, for a cache without padding). ``attention_mask`` ``[batch, n]`` marks left padding of the new
+    rows (sequences of a batch whose continuations differ in length); the cache remembers it.
+    """
+    batch, length = input_ids.shape
+    new = torch.ones(batch, length, dtype=torch.bool, device=model.device)
+    if attention_mask is not None:
+        check_inputs(input_ids, attention_mask)
+        new = attention_mask.to(model.device).bool()
+    seen = cache.token_mask
+    if seen is None and (attention_mask is None or bool(new.all())):
+        first = cache.get_seq_length() if start_position is None else start_position
+        positions = torch.arange(first, first + length, device=model.device).expand(batch, length)
+        mask = None
+    else:
+        if seen is None:
+            seen = torch.ones(batch, cache.get_seq_length(), dtype=torch.bool, device=model.device)
+        positions = seen.sum(dim=1, keepdim=True) + new.long().cumsum(dim=1) - 1
+        mask = cache.token_mask = torch.cat([seen, new], dim=1)
     with compressed_attention(model, cache):
-        return forward(model, cache, input_ids, positions)
+        return forward(model, cache, input_ids.to(model.device), positions.clamp(min=0), attention_mask=mask)
 
 
 def check_chunk_size(chunk_size: int | None) -> None:
@@ -299,7 +403,12 @@ def check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -
             raise UnsupportedInputError(
                 f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids {tuple(input_ids.shape)}"
             )
-        if not bool(attention_mask.bool().all()):
+        mask = attention_mask.bool()
+        if not bool(mask.any(dim=1).all()):
+            raise UnsupportedInputError(f"rows {(~mask.any(dim=1)).nonzero().flatten().tolist()} of attention_mask "
+                                        "are all padding: every sequence needs at least one token")
+        if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
             raise UnsupportedInputError(
-                "padded batches are not supported: pass sequences of equal length without padding, or one at a time"
+                "attention_mask has padding after a token: pad on the left (tokenizer.padding_side = 'left', "
+                "the transformers convention for generation), so every sequence ends at the last column"
             )

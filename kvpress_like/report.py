@@ -17,7 +17,7 @@ class LayerReport:
 
     layer_idx: int
     kept_indices: torch.Tensor | list[list[torch.Tensor]]
-    budget: int
+    budget: int | list[int]
     seconds: float
 
     def kept_mask(self, prompt_length: int) -> torch.Tensor:
@@ -51,12 +51,15 @@ class CompressionReport:
     hold, ``cache_bytes_after`` what the compressed cache holds, ``peak_cache_bytes`` the most key/value
     bytes held at any moment of the prefill (tracked by the cache itself, so deterministic).
     ``shared_full_cache`` marks a prefill that held the prompt's full cache to serve several pipelines
-    (:func:`~kvpress_like.prefill_many`); ``chunk_size`` is the prompt chunk of a chunked prefill.
+    (:func:`~kvpress_like.prefill_many`); ``chunk_size`` is the row chunk of a chunked prefill. For a
+    left-padded batch ``prompt_length`` is the padded length, ``sequence_lengths`` each sequence's own,
+    ``budget`` (and each ``LayerReport.budget``) a list with one budget per sequence, and kept indices are
+    per sequence in its own positions.
     """
 
     method: str
     prompt_length: int
-    budget: int
+    budget: int | list[int]
     layers: dict[int, LayerReport] = field(default_factory=dict)
     uncompressed_layers: list[int] = field(default_factory=list)
     cache_bytes_before: int = 0
@@ -64,6 +67,7 @@ class CompressionReport:
     peak_cache_bytes: int = 0
     shared_full_cache: bool = False
     chunk_size: int | None = None
+    sequence_lengths: list[int] | None = None
     seconds: float = 0.0
     prefill_seconds: float = 0.0
 

@@ -62,13 +62,38 @@ def test_unsupported_model_names_the_supported_architectures():
     assert not any(m._forward_hooks for m in model.modules())
 
 
-@pytest.mark.parametrize("window", ["pseudo", "suffix"])
-def test_padded_attention_mask_is_refused(window):
+def test_right_padding_is_refused_with_the_convention_to_follow():
     ids = random_ids(12, batch=2)
     mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # left padding on the second row
-    with pytest.raises(UnsupportedInputError, match="padded batches are not supported"):
-        build("dapq", budget=4, window=window).prefill(tiny_model("llama"), ids, attention_mask=mask)
+    mask[1, -3:] = 0  # right padding on the second row
+    with pytest.raises(UnsupportedInputError, match="pad on the left"):
+        build("dapq", budget=4).prefill(tiny_model("llama"), ids, attention_mask=mask)
+
+
+def test_an_all_padding_row_is_refused():
+    ids = random_ids(12, batch=3)
+    mask = torch.ones_like(ids)
+    mask[2] = 0
+    with pytest.raises(UnsupportedInputError, match=r"rows \[2\] of attention_mask are all padding"):
+        build("dapq", budget=4).prefill(tiny_model("llama"), ids, attention_mask=mask)
+
+
+def test_a_short_sequence_whose_budget_cannot_hold_its_protected_tokens_is_named():
+    ids = random_ids(60, batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :50] = 0  # the second sequence has 10 tokens: 20% is 2 tokens, fewer than its 4 sinks
+    with pytest.raises(ConfigError, match="protected") as raised:
+        build("dapq", budget="20%", selector={"sinks": 4}).prefill(tiny_model("llama"), ids, attention_mask=mask)
+    assert any("sequence 1 of the batch (10 tokens)" in note for note in raised.value.__notes__)
+
+
+def test_padded_batch_question_spans_must_be_one_per_sequence():
+    ids = random_ids(20, batch=2)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    with pytest.raises(UnsupportedInputError, match="list of 2"):
+        build("dapq", budget=4, window="question").prefill(tiny_model("llama"), ids, attention_mask=mask,
+                                                          question_span=(0, 3))
 
 
 def test_all_ones_attention_mask_is_accepted():

@@ -22,7 +22,7 @@ from conftest import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvpress_like import Budget, build, hookimpl, register_plugin, unregister_plugin
+from kvpress_like import Budget, UnsupportedInputError, build, hookimpl, register_plugin, unregister_plugin
 from kvpress_like.decoding import GenerationOptions, decode
 from kvpress_like.parts import PartConfig, Scorer
 
@@ -317,8 +317,9 @@ def test_eviction_equivalence_multi_token_continuations(data, spec, length, chun
 
 
 def test_equivalence_check_detects_wrong_positions():
-    """The comparison above can fail: continuing at *physical* positions (what a plain DynamicCache
-    would do after pruning) or without masking the evicted tokens gives different logits."""
+    """The comparison above can fail: continuing at shifted positions or without masking the evicted
+    tokens gives different logits. Continuing at *physical* positions (what a plain DynamicCache would do
+    after pruning) is refused outright: those positions were already seen."""
     model = tiny_model("llama", attn_implementation="eager", initializer_range=0.3)
     reference = copy.deepcopy(model)  # the compressed prefill switches `model` to the kvpress_like attention
     length, budget = 60, 10
@@ -329,8 +330,11 @@ def test_equivalence_check_detects_wrong_positions():
     with torch.no_grad():
         with evicted_positions_masked(reference, kept, length):
             want = reference(input_ids=continuation, cache=reference_cache, use_cache=True).logits
-        wrong_positions = torch.arange(budget, budget + 5)[None]
-        got = model(input_ids=continuation, cache=result.cache, position_ids=wrong_positions, use_cache=True).logits
+        with pytest.raises(UnsupportedInputError, match="already seen"):
+            model(input_ids=continuation, cache=result.cache, position_ids=torch.arange(budget, budget + 5)[None])
+        result = build("dapq", budget=budget).prefill(model, ids)
+        shifted = torch.arange(length + 3, length + 8)[None]
+        got = model(input_ids=continuation, cache=result.cache, position_ids=shifted, use_cache=True).logits
         assert not torch.allclose(got, want, atol=1e-2)
         result = build("dapq", budget=budget).prefill(model, ids)
         reference_cache, _ = full_prefill(reference, ids)
