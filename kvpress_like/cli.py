@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--repeats", type=int, default=3)
     be.add_argument("--decode-tokens", type=int, default=32)
     be.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs (a fresh process per case)")
-    be.add_argument("--chunk-size", type=int, help="prefill the methods in chunks of this many tokens")
+    be.add_argument("--chunk-size", type=int, help="run the methods' MLPs in row chunks of this many tokens")
+    be.add_argument("--memory-repeats", type=int, default=1, help="fresh processes per peak-memory case (median)")
     be.add_argument("--out", default="results/bench")
 
     pr = commands.add_parser("probe", help="'where > what': the DapQ paper's Table 1 and window recall on a model")
@@ -226,7 +227,8 @@ def _bench(args, command: str) -> int:
             continue  # the full cache is the baseline of every ratio
         methods.append((name, build(name, budget=_budget_value(args.budget))))
     model, tokenizer = _load(args)
-    memory = None if args.no_memory else {"model": args.model, "budget": args.budget, "threads": args.threads}
+    memory = None if args.no_memory else {"model": args.model, "budget": args.budget, "threads": args.threads,
+                                          "repeats": args.memory_repeats}
     result = run_bench(model, tokenizer, methods, args.lengths, args.repeats, args.decode_tokens,
                        memory=memory, progress=not args.no_progress, chunk_size=args.chunk_size)
     write_bench(result, args.out, args.model, command)

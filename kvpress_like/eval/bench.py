@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -73,10 +74,14 @@ def _ms(seconds: list[float | None]) -> float | None:
 
 
 def _peak(memory: dict[str, Any] | None, method: str, length: int, chunk_size: int | None) -> int | None:
+    """Median peak over ``memory["repeats"]`` fresh processes (the allocator makes single runs noisy)."""
     if memory is None:
         return None
-    record = measure_case(memory["model"], method, length, memory["budget"], chunk_size, memory.get("threads"))
-    return record["peak_bytes"]
+    peaks = [
+        measure_case(memory["model"], method, length, memory["budget"], chunk_size, memory.get("threads"))["peak_bytes"]
+        for _ in range(memory.get("repeats", 1))
+    ]
+    return int(statistics.median(peaks))
 
 
 def run_bench(
@@ -92,8 +97,8 @@ def run_bench(
 ) -> dict[str, Any]:
     """Benchmark ``methods`` (``(registered name, pipeline)``) at each length; returns rows and run info.
 
-    ``memory`` (``{"model": name, "budget": text, "threads": n}``) measures each case's peak memory in a
-    fresh process; ``None`` skips it.
+    ``memory`` (``{"model": name, "budget": text, "threads": n, "repeats": r}``) measures each case's peak
+    memory in ``r`` fresh processes (median); ``None`` skips it.
     """
     rows = []
     total = len(lengths) * (1 + len(methods))
@@ -148,6 +153,7 @@ def run_bench(
         "settings": {
             "lengths": lengths, "repeats": repeats, "decode_tokens": decode_tokens, "methods": [m for m, _ in methods],
             "chunk_size": chunk_size, "statistic": "fastest of the repeats",
+            "memory_repeats": memory.get("repeats", 1) if memory else None,
         },
         "machine": {
             "platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -170,7 +176,7 @@ def bench_markdown(result: dict[str, Any], model_name: str, command: str | None 
         f"fastest of {s['repeats']} interleaved "
         f"repeats; decode = {s['decode_tokens']} greedy tokens; chunk size {s.get('chunk_size') or 'none'}. "
         "Ratios are against the plain prefill / full-cache decode measured in the same run; peak = peak memory "
-        "above the loaded model, each case in a fresh process.",
+        f"above the loaded model, median of {s.get('memory_repeats') or 0} fresh processes per case.",
     ]
     if command:
         lines += ["", "```bash", command, "```"]
