@@ -192,12 +192,6 @@ def window_queries(
     return _module_adapter(module).window_queries(module, hidden_states, cos, sin)
 
 
-def __getattr__(name: str) -> Any:
-    if name == "SUPPORTED_MODEL_TYPES":  # computed: installed plugins may add families
-        return supported_model_types()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def supported_model_types() -> dict[str, str]:
     """``model_type -> label`` of every registered adapter."""
     return {model_type: cls.label for model_type, cls in _registered().items()}

@@ -140,7 +140,7 @@ class LayerCompressor:
         if budget >= length:  # nothing to evict: every prompt row stays, in order
             kept = torch.arange(length, device=keys.device).expand(keys.shape[0], keys.shape[1], length)
             return kept, keys, values
-        scores = self._scores(module, layer_idx, all_keys, all_values, kwargs, start, budget)
+        scores = self._scores(module, layer_idx, all_keys, all_values, kwargs, start)
         protected = self.selector.checked_protected_mask(length, budget, keys.device)
         counts = self.allocator.head_budgets(scores, budget, protected)
         if bool((counts == budget).all()):
@@ -150,10 +150,9 @@ class LayerCompressor:
             return kept, keys.gather(2, index), values.gather(2, index)
         return self._select_ragged(scores, counts, keys, values)
 
-    def _scores(self, module, layer_idx: int, keys, values, kwargs, start: int, budget: int) -> torch.Tensor:
-        key = (layer_idx, budget) if getattr(self.scorer, "reads_budget", False) else layer_idx
-        if self.scores_memo is not None and key in self.scores_memo:
-            return self.scores_memo[key].clone()  # a selector may work in place
+    def _scores(self, module, layer_idx: int, keys, values, kwargs, start: int) -> torch.Tensor:
+        if self.scores_memo is not None and layer_idx in self.scores_memo:
+            return self.scores_memo[layer_idx].clone()  # a selector may work in place
         ctx = LayerContext(
             layer_idx=layer_idx,
             module=module,
@@ -163,13 +162,12 @@ class LayerCompressor:
             query_rows=self.plan.window_rows,
             prompt_length=self.plan.prompt_length,
             scaling=module.scaling,
-            budget=budget,
             hidden_states=self._prompt_hidden_states(layer_idx, kwargs, start),
             rope_at=lambda positions: self.rope_at(module, positions),
         )
         scores = self.scorer.score(ctx)
         if self.scores_memo is not None:
-            self.scores_memo[key] = scores.clone()
+            self.scores_memo[layer_idx] = scores.clone()
         return scores
 
     def _select_ragged(self, scores, counts, keys, values) -> tuple[list[list[torch.Tensor]], ...]:

@@ -75,11 +75,11 @@ class LayerContext:
     ``keys``/``values`` ``[batch, kv_heads, T, head_dim]`` (all rows cached so far, post-RoPE),
     ``query_rows`` ``[window]`` (row index of each query in the same ``T`` axis, for causal masking).
     Only the first ``prompt_length`` key rows are candidates for keeping. ``hidden_states`` are the
-    attention inputs of the prompt rows ``[batch, L, hidden]`` (in a chunked prefill only for scorers
-    that declare ``reads_hidden_states``); ``rope_at(positions)`` gives the layer's
-    ``(cos, sin)`` ``[1, n, rot_dim]`` at any positions (for scorers that look ahead, e.g. Expected
-    Attention). ``budget`` (the tokens this layer keeps) is not for scorers: a scorer never sees the budget,
-    which is the selector's business; no built-in scorer reads it and the field is due to go.
+    attention inputs of the prompt rows ``[batch, L, hidden]`` (when the window's rows run in a later
+    forward than the prompt's, as in ``prefill_many``, only for scorers that declare
+    ``reads_hidden_states``); ``rope_at(positions)`` gives the layer's ``(cos, sin)`` ``[1, n, rot_dim]``
+    at any positions (for scorers that look ahead, e.g. Expected Attention). There is no budget here:
+    how many tokens stay is the allocator's and the selector's business, so scores serve every budget.
     """
 
     layer_idx: int
@@ -90,7 +90,6 @@ class LayerContext:
     query_rows: torch.Tensor
     prompt_length: int
     scaling: float
-    budget: int
     hidden_states: torch.Tensor | None
     rope_at: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 

@@ -301,7 +301,7 @@ def _appended_rows_padded(plans: list[WindowPlan], rows: int) -> tuple[torch.Ten
 def _make_compressor(pipeline, model, adapter: ModelAdapter, input_ids, question_span, cache, target, scores_memo=None):
     plan = pipeline.window.plan(input_ids, question_span)
     budget = pipeline.budget.resolve(plan.prompt_length)
-    compressible = [i for i, layer in enumerate(cache.layers) if not getattr(layer, "is_sliding", False)]
+    compressible = adapter.compressible_layers()
     if not compressible:
         raise UnsupportedModelError(
             f"every attention layer of this {type(model).__name__} uses a sliding window "

@@ -62,7 +62,7 @@ def test_two_stage_selection_matches_naive_reference(length, ratio, recent, data
             assert kept[b, h].tolist() == expected
 
 
-def layer_context(model, length: int, budget) -> LayerContext:
+def layer_context(model, length: int) -> LayerContext:
     """Layer 0 of ``model`` on a random prompt, its last 8 rows as the window (SnapKV's)."""
     adapter = get_adapter(model)
     module = adapter.attention_modules()[0]
@@ -79,12 +79,12 @@ def layer_context(model, length: int, budget) -> LayerContext:
     queries = adapter.window_queries(module, captured["hidden_states"][:, rows], cos[:, rows], sin[:, rows])
     layer = cache.layers[0]
     return LayerContext(layer_idx=0, module=module, queries=queries, keys=layer.keys, values=layer.values,
-                        query_rows=rows, prompt_length=length, scaling=module.scaling, budget=budget,
+                        query_rows=rows, prompt_length=length, scaling=module.scaling,
                         hidden_states=None, rope_at=None)
 
 
 def test_the_scorer_returns_weighted_scores_and_plain_attention_and_never_reads_the_budget():
-    ctx = layer_context(tiny_model("llama"), 40, budget=None)  # reading the budget would fail
+    ctx = layer_context(tiny_model("llama"), 40)  # a LayerContext holds no budget to read
     scores = CriticalScorer(AttentionConfig(pooling="avg")).score(ctx)
     attention = attention_scores(ctx, AttentionConfig(pooling="avg"))
     assert scores.dtype == torch.complex64 and scores.shape == (1, 2, 40)

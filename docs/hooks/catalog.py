@@ -53,11 +53,11 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
 
 def render_catalog() -> str:
     from kvpress_like import list_parts
-    from kvpress_like.adapters import SUPPORTED_MODEL_TYPES
+    from kvpress_like.adapters import supported_model_types
 
     catalog = list_parts()
     methods = catalog["method"]
-    architectures = ", ".join(sorted(set(SUPPORTED_MODEL_TYPES.values())))
+    architectures = ", ".join(sorted(set(supported_model_types().values())))
     lines = [
         f"*{len(methods)} methods and {sum(len(catalog[k]) for k in KINDS)} parts are registered in this build.* "
         f"Every method runs on the supported architectures: {architectures}.",

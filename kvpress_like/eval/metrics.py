@@ -88,7 +88,7 @@ def attention_mass(
     """
     ctx = LayerContext(
         layer_idx=0, module=None, queries=queries, keys=keys, values=keys, query_rows=query_rows,
-        prompt_length=prefix, scaling=scaling, budget=prefix, hidden_states=None, rope_at=None,
+        prompt_length=prefix, scaling=scaling, hidden_states=None, rope_at=None,
     )
     return window_attention(ctx).sum(dim=3)
 

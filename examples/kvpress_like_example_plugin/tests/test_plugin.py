@@ -14,7 +14,7 @@ from kvpress_like.parts import LayerContext
 def context(queries, keys, query_rows, prompt_length):
     return LayerContext(layer_idx=0, module=None, queries=queries, keys=keys, values=torch.zeros_like(keys),
                         query_rows=query_rows, prompt_length=prompt_length, scaling=keys.shape[-1] ** -0.5,
-                        budget=4, hidden_states=torch.zeros(1, len(query_rows), 8), rope_at=None)
+                        hidden_states=torch.zeros(1, len(query_rows), 8), rope_at=None)
 
 
 def naive_peak(ctx, temperature: float, gqa: str) -> torch.Tensor:
