@@ -6,6 +6,8 @@ import importlib.util
 
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 from kvpress_like.attention import restore_attention
 from kvpress_like.models import EMBEDDED
@@ -142,3 +144,13 @@ def single_threaded_torch():
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer():
+    """A tiny word-level tokenizer built offline (ids < 256, like the tiny models' vocabulary)."""
+    words = ["<unk>", "<s>", "</s>", "the", "needle", "is", "where", "?", "."] + [f"w{i}" for i in range(200)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")

@@ -19,8 +19,6 @@ import torch
 from conftest import random_ids, tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from kvpress_like import build
 from kvpress_like.compat import cache_kwarg
@@ -152,23 +150,13 @@ def test_model_generate_given_only_the_prefilled_ids_is_refused_not_answered_wro
         model.generate(ids, max_new_tokens=3, do_sample=False, **{cache_kwarg(model): result.cache})
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    """A tiny word-level tokenizer built offline (ids < 256, like the tiny models' vocabulary)."""
-    words = ["<unk>", "<s>", "</s>", "the", "needle", "is", "where", "?", "."] + [f"w{i}" for i in range(200)]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.decoder = decoders.WordPiece()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-
-
 @pytest.mark.parametrize("question_aware", [True, False])
-def test_pipeline_generate_answers_a_batch_of_contexts_as_each_alone(tokenizer, question_aware):
+def test_pipeline_generate_answers_a_batch_of_contexts_as_each_alone(word_tokenizer, question_aware):
     model = _model("llama", "sdpa")
     contexts = [" ".join(f"w{(i * k) % 200}" for i in range(n)) for k, n in ((3, 90), (7, 120), (11, 75))]
     questions = ["where is the needle ?", "the needle is where ?", "where ?"]
     pipeline = build("dapq", budget="30%")
-    batch = pipeline.generate(model, tokenizer, contexts, questions, question_aware=question_aware, max_new_tokens=5)
-    alone = [pipeline.generate(model, tokenizer, c, q, question_aware=question_aware, max_new_tokens=5)
-             for c, q in zip(contexts, questions, strict=True)]
+    options = {"question_aware": question_aware, "max_new_tokens": 5}
+    batch = pipeline.generate(model, word_tokenizer, contexts, questions, **options)
+    alone = [pipeline.generate(model, word_tokenizer, c, q, **options) for c, q in zip(contexts, questions, strict=True)]
     assert batch == alone

@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_gpt2, random_ids, tiny_model
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from kvpress_like import (
     ConfigError,
@@ -20,16 +18,6 @@ from kvpress_like import (
 from kvpress_like.attention import restore_attention
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    """A tiny word-level tokenizer built offline (ids < 256, like the tiny models' vocabulary)."""
-    words = ["<unk>", "<s>", "</s>", "the", "needle", "is", "where", "?", "."] + [f"w{i}" for i in range(200)]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.decoder = decoders.WordPiece()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
 CONTEXT = " ".join(f"w{i}" for i in range(60))
@@ -204,10 +192,10 @@ def test_a_budget_for_a_method_that_keeps_everything():
         ({"num_beams": 4}, "num_beams"),
     ],
 )
-def test_bad_generation_options(tokenizer, options, field):
+def test_bad_generation_options(word_tokenizer, options, field):
     pipeline = build("dapq", budget=8)
     with pytest.raises(ConfigError) as info:
-        pipeline.generate(tiny_model("llama"), tokenizer, CONTEXT, "where is the needle ?", max_new_tokens=3,
+        pipeline.generate(tiny_model("llama"), word_tokenizer, CONTEXT, "where is the needle ?", max_new_tokens=3,
                           **options)
     message = str(info.value)
     assert message.startswith("invalid generation options")
@@ -215,25 +203,25 @@ def test_bad_generation_options(tokenizer, options, field):
     assert "valid options: do_sample, temperature, top_k, top_p, seed, stop_at_eos" in message
 
 
-def test_generate_runs_with_the_tiny_tokenizer(tokenizer):
+def test_generate_runs_with_the_tiny_tokenizer(word_tokenizer):
     """The success path next to the error paths: the same call without bad options answers."""
     model = tiny_model("llama")
     pipeline = build("dapq", budget=8)
-    answer = pipeline.generate(model, tokenizer, CONTEXT, "where is the needle ?", max_new_tokens=4)
+    answer = pipeline.generate(model, word_tokenizer, CONTEXT, "where is the needle ?", max_new_tokens=4)
     assert isinstance(answer, str) and answer
     assert pipeline.last_report.budget == 8
-    sampled = pipeline.generate(model, tokenizer, CONTEXT, "where is the needle ?", max_new_tokens=4,
+    sampled = pipeline.generate(model, word_tokenizer, CONTEXT, "where is the needle ?", max_new_tokens=4,
                                 do_sample=True, temperature=0.7, top_k=20, top_p=0.9, seed=3)
-    again = pipeline.generate(model, tokenizer, CONTEXT, "where is the needle ?", max_new_tokens=4,
+    again = pipeline.generate(model, word_tokenizer, CONTEXT, "where is the needle ?", max_new_tokens=4,
                               do_sample=True, temperature=0.7, top_k=20, top_p=0.9, seed=3)
     assert sampled == again  # the seed makes sampling reproducible
 
 
-def test_question_window_in_generate_needs_a_question(tokenizer):
+def test_question_window_in_generate_needs_a_question(word_tokenizer):
     pipeline = build("dapq", budget=8, window="question")
     with pytest.raises(UnsupportedInputError, match="question_span"):
-        pipeline.generate(tiny_model("llama"), tokenizer, CONTEXT, question=None, max_new_tokens=2)
-    answer = pipeline.generate(tiny_model("llama"), tokenizer, CONTEXT, "where is the needle ?", max_new_tokens=2)
+        pipeline.generate(tiny_model("llama"), word_tokenizer, CONTEXT, question=None, max_new_tokens=2)
+    answer = pipeline.generate(tiny_model("llama"), word_tokenizer, CONTEXT, "where is the needle ?", max_new_tokens=2)
     assert isinstance(answer, str)
 
 
