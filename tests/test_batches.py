@@ -158,5 +158,6 @@ def test_pipeline_generate_answers_a_batch_of_contexts_as_each_alone(word_tokeni
     pipeline = build("dapq", budget="30%")
     options = {"question_aware": question_aware, "max_new_tokens": 5}
     batch = pipeline.generate(model, word_tokenizer, contexts, questions, **options)
-    alone = [pipeline.generate(model, word_tokenizer, c, q, **options) for c, q in zip(contexts, questions)]
+    pairs = zip(contexts, questions, strict=True)
+    alone = [pipeline.generate(model, word_tokenizer, c, q, **options) for c, q in pairs]
     assert batch == alone
