@@ -181,3 +181,24 @@ def test_api_reference_renders_the_public_api(built_site):
     html = (built_site / "reference" / "index.html").read_text()
     missing = [name for name in kvpress_like.__all__ if f'id="kvpress_like.{name}"' not in html]
     assert not missing, f"public names without an API reference entry: {missing}"
+
+
+IMAGE = re.compile(r"!\[[^\]]*\]\(<?([^)\s>]+)")
+
+
+def test_every_image_a_results_page_links_is_built_and_figures_are_drawn_from_records(built_site):
+    from test_figures import drawn_svg
+
+    linked = {
+        Path(os.path.normpath(page.parent.relative_to(DOCS) / link)).as_posix()
+        for page in sorted((DOCS / "results").rglob("*.md"))
+        for link in IMAGE.findall(page.read_text())
+    }
+    figures = {"results/ablation/accuracy_vs_budget_single_needle.svg", "results/bench/prefill_ratio.svg",
+               "results/bench/peak_ratio.svg", "results/dapq-protection/accuracy_vs_budget_single_needle.svg"}
+    assert figures <= linked, f"figures no longer linked from the results pages: {sorted(figures - linked)}"
+    missing = sorted(target for target in linked if not (built_site / target).is_file())
+    assert not missing, f"results pages link images that the build does not produce: {missing}"
+    for target in sorted(t for t in linked if t.endswith(".svg")):
+        assert not (DOCS / target).exists(), f"{target} is a file in docs/: figures are drawn at build time"
+        drawn_svg((built_site / target).read_text())
