@@ -68,19 +68,14 @@ def compressed_prefill(
     adapter = get_adapter(model)
     input_ids = input_ids.to(model.device)
     cache = CompressedCache(model.config)
-    padded = attention_mask is not None and not bool(attention_mask.bool().all())
+    padded = _is_padded(attention_mask)
     if padded:
-        mask = attention_mask.to(model.device).bool()
-        job = _padded_batch_compressor(pipeline, model, adapter, input_ids, mask, question_span, cache)
-        ids, positions = _prompt_and_window(input_ids, job.plan, mask)
-        rows = torch.arange(job.plan.n_appended, device=mask.device)
-        appended = torch.stack([rows < seq.plan.n_appended for seq in job.sequences])  # the rest is padding
-        forward_mask = torch.cat([mask, appended], dim=1)
-        cache.token_mask = mask
+        job, ids, positions, forward_mask = _padded_forward_inputs(
+            pipeline, model, adapter, input_ids, attention_mask.to(model.device).bool(), question_span, cache
+        )
     else:
         job = _make_compressor(pipeline, model, adapter, input_ids, question_span, cache, target=None)
-        ids, positions = _prompt_and_window(input_ids, job.plan)
-        forward_mask = None
+        (ids, positions), forward_mask = _prompt_and_window(input_ids, job.plan), None
     sliding = [i for i, layer in enumerate(cache.layers) if getattr(layer, "is_sliding", False)]
 
     started = time.perf_counter()
@@ -120,6 +115,11 @@ def prefill_many(
     if len(pipelines) == 1:
         return [compressed_prefill(model, input_ids, pipelines[0], attention_mask, question_span)]
     check_inputs(input_ids, attention_mask)
+    if _is_padded(attention_mask):
+        raise UnsupportedInputError(
+            "prefill_many shares one prompt forward between pipelines and does not take padded batches: "
+            "prefill a padded batch with each Pipeline.prefill, or the sequences one at a time"
+        )
     adapter = get_adapter(model)
     input_ids = input_ids.to(model.device)
     shared = CompressedCache(model.config)
@@ -245,6 +245,23 @@ def _position_wise_in_row_chunks(adapter: ModelAdapter, rows: int):
     finally:
         for layer, mlp in zip(layers, originals, strict=True):
             layer.mlp = mlp
+
+
+def _is_padded(attention_mask: torch.Tensor | None) -> bool:
+    return attention_mask is not None and not bool(attention_mask.bool().all())
+
+
+def _padded_forward_inputs(pipeline, model, adapter, input_ids, mask, question_span, cache) -> tuple:
+    """The compressor of a left-padded batch and its forward's ids, positions and 2-D mask.
+
+    Appended rows that a sequence does not use (its window appends fewer) are padding at the end.
+    """
+    job = _padded_batch_compressor(pipeline, model, adapter, input_ids, mask, question_span, cache)
+    ids, positions = _prompt_and_window(input_ids, job.plan, mask)
+    rows = torch.arange(job.plan.n_appended, device=mask.device)
+    appended = torch.stack([rows < sequence.plan.n_appended for sequence in job.sequences])
+    cache.token_mask = mask
+    return job, ids, positions, torch.cat([mask, appended], dim=1)
 
 
 def _padded_batch_compressor(pipeline, model, adapter, input_ids, mask, question_span, cache) -> PaddedBatchCompressor:

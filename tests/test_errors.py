@@ -14,6 +14,7 @@ from kvpress_like import (
     UnsupportedInputError,
     UnsupportedModelError,
     build,
+    prefill_many,
 )
 from kvpress_like.attention import restore_attention
 
@@ -236,3 +237,11 @@ def test_a_compressed_cache_read_by_an_ordinary_attention_is_refused():
     restore_attention(model)
     with pytest.raises(UnsupportedModelError, match="use_compressed_attention"):
         model(input_ids=random_ids(3, seed=1), cache=result.cache)
+
+
+def test_prefill_many_refuses_a_padded_batch_instead_of_ignoring_the_padding():
+    ids = random_ids(20, batch=2)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    with pytest.raises(UnsupportedInputError, match="does not take padded batches"):
+        prefill_many(tiny_model("llama"), ids, [build("dapq", budget=4), build("snapkv", budget=8)], mask)
