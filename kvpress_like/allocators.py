@@ -101,11 +101,15 @@ class HeadAdaptiveAllocator(Allocator):
     def layer_budgets(self, num_layers: int, prompt_length: int, budget_tokens: int) -> list[int]:
         return [min(budget_tokens, prompt_length)] * num_layers
 
+    def safeguard_share(self) -> float:
+        """α: the share of the per-head budget (beyond protected tokens) each head keeps by its own ranking."""
+        return self.config.alpha
+
     def head_budgets(self, scores: torch.Tensor, layer_budget: int, protected: torch.Tensor) -> torch.Tensor:
         batch, heads, length = scores.shape
         ranked = scores.float().masked_fill(protected, float("inf"))
         n_protected = int(protected.sum())
-        safeguard = n_protected + math.floor(self.config.alpha * (layer_budget - n_protected))
+        safeguard = n_protected + math.floor(self.safeguard_share() * (layer_budget - n_protected))
         order = ranked.argsort(dim=-1, descending=True)
         pool = ranked.clone()
         pool.scatter_(-1, order[..., :safeguard], float("-inf"))  # already granted: protected + safeguard
@@ -116,6 +120,23 @@ class HeadAdaptiveAllocator(Allocator):
         return (safeguard + extra).cpu()
 
 
+class GlobalAllocator(HeadAdaptiveAllocator):
+    """KVzip's non-uniform budgets (Kim et al. 2025, arXiv 2505.23416): one top-k over all KV heads of a layer.
+
+    The layer keeps ``heads × B`` tokens: every head its protected ones, the rest the best (head, token)
+    scores of the whole layer, with no per-head floor (Ada-KV's allocator with α = 0). Layers keep equal
+    shares: KVzip's ranking across *layers* would need every layer's scores before the first is pruned,
+    which compress-as-you-go (each layer pruned inside the forward, before the next runs) rules out.
+    """
+
+    name = "global"
+    summary = "per-layer budget shared across KV heads by one top-k over the layer, no floor (KVzip)"
+    Config = PartConfig
+
+    def safeguard_share(self) -> float:
+        return 0.0
+
+
 @hookimpl
 def register_allocators():
-    return [UniformAllocator, FullAllocator, PyramidAllocator, HeadAdaptiveAllocator]
+    return [UniformAllocator, FullAllocator, PyramidAllocator, HeadAdaptiveAllocator, GlobalAllocator]

@@ -44,6 +44,7 @@ BUILTIN_PLUGINS = (
     "kvpress_like.methods.ada",
     "kvpress_like.methods.chunked",
     "kvpress_like.methods.dapq_plus",
+    "kvpress_like.methods.kvzip",
 )
 
 _REGISTRATION_HOOKS = {

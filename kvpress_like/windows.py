@@ -8,6 +8,9 @@
 * ``union`` — the suffix window and the pseudo queries together.
 * ``question`` — the question's own tokens inside the prompt (query-aware scoring).
 * ``prompt`` — every prompt token (accumulated attention, H2O; query statistics, Expected Attention).
+* ``reconstruct`` — the prompt repeated after itself, teacher-forced, behind a "repeat the previous
+  context" instruction (KVzip, Kim et al. 2025, arXiv 2505.23416, §3.2); chunked, optionally subsampled,
+  at KVzip's positions after the prompt or DapQ-style at the first decoding positions.
 * ``none`` — no queries, for scorers that read only keys/values or positions (StreamingLLM, K-norm).
 """
 
@@ -16,7 +19,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, NonNegativeInt, model_validator
 
 from kvpress_like.errors import UnsupportedInputError
 from kvpress_like.hookspecs import hookimpl
@@ -171,6 +174,87 @@ class PromptWindow(WindowBuilder):
         return WindowPlan(input_ids.shape[1], torch.arange(input_ids.shape[1], device=input_ids.device))
 
 
+class ReconstructConfig(PartConfig):
+    instruction_ids: tuple[NonNegativeInt, ...] = Field(
+        (), description="ids fed before the first chunk (KVzip: 'Repeat the previous context exactly.'; parts see "
+        "no tokenizer: kvpress_like.methods.kvzip.kvzip_window makes them)",
+    )
+    resume_ids: tuple[NonNegativeInt, ...] = Field(
+        (), description="ids fed before every later chunk, then the previous chunk's last `overlap` prompt ids "
+        "(KVzip: 'Repeat the part of the previous context exactly, starting with')",
+    )
+    opener_ids: tuple[NonNegativeInt, ...] = Field(
+        (), description="ids fed right before each chunk's tokens (KVzip: the chat template's assistant opener)"
+    )
+    overlap: int = Field(8, ge=0, description="prompt ids of the previous chunk repeated after `resume_ids`")
+    start: int = Field(0, ge=0, description="first prompt token repeated (e.g. after a template head)")
+    chunk_size: int = Field(2048, ge=1, description="prompt tokens per reconstruction chunk (KVzip: 2048)")
+    positions: Literal["after", "decoding"] = Field(
+        "after", description="after: row r of the reconstruction at L+r (KVzip); decoding: the window's rows cycle "
+        "through the first `span` decoding positions L … L+span-1 (DapQ's alignment, Tian et al. 2026)",
+    )
+    span: int = Field(32, ge=1, description="decoding positions the rows cycle through (positions='decoding')")
+    period: int = Field(1, ge=1, description="subsampling: of prompt token j only those with j mod period < keep "
+                        "are repeated (1 = the whole prompt, as KVzip)")
+    keep: int = Field(1, ge=1, description="consecutive prompt tokens repeated out of every `period`")
+
+    @model_validator(mode="after")
+    def _keep_fits(self):
+        if self.keep > self.period:
+            raise ValueError(f"keep ({self.keep}) cannot exceed period ({self.period})")
+        return self
+
+
+class ReconstructWindow(WindowBuilder):
+    """The prompt repeated after itself: KVzip's context reconstruction (Kim et al. 2025, arXiv 2505.23416).
+
+    The prompt from ``start`` on is cut into chunks of ``chunk_size`` tokens; the first chunk follows
+    ``instruction_ids``, every later one ``resume_ids`` and the previous chunk's last ``overlap`` ids, then
+    ``opener_ids``; all teacher-forced. Every appended row is a window query. With ``period > 1`` only the prompt tokens
+    ``j mod period < keep`` are repeated (the instruction rows always are): a partial reconstruction that
+    costs ``keep / period`` of the rows. Positions: ``after`` keeps each row where the full reconstruction
+    puts it (L + its index in it, gaps included), ``decoding`` lets the rows cycle through L … L+span−1.
+    """
+
+    name = "reconstruct"
+    summary = "the prompt repeated after a 'repeat the context' instruction, chunked (KVzip)"
+    Config = ReconstructConfig
+
+    def plan(self, input_ids: torch.Tensor, question_span: tuple[int, int] | None = None) -> WindowPlan:
+        batch, length = input_ids.shape
+        config, device = self.config, input_ids.device
+        if config.start >= length:
+            raise UnsupportedInputError(
+                f"the 'reconstruct' window repeats the prompt from token {config.start} on, but the prompt has "
+                f"only {length} tokens; lower `start`"
+            )
+
+        def constant(ids: tuple[int, ...]) -> torch.Tensor:
+            return torch.tensor(ids, dtype=torch.long, device=device).expand(batch, -1)
+
+        pieces, repeated = [], []
+        for first in range(config.start, length, config.chunk_size):
+            if first == config.start:
+                cue = constant(config.instruction_ids)
+            else:
+                tail = input_ids[:, max(config.start, first - config.overlap) : first]
+                cue = torch.cat([constant(config.resume_ids), tail], dim=1)
+            cue = torch.cat([cue, constant(config.opener_ids)], dim=1)
+            tokens = torch.arange(first, min(first + config.chunk_size, length), device=device)
+            pieces += [cue, input_ids[:, tokens]]
+            sampled = tokens % config.period < config.keep
+            repeated += [torch.ones(cue.shape[1], dtype=torch.bool, device=device), sampled]
+        fed = torch.cat(repeated)
+        ids = torch.cat(pieces, dim=1)[:, fed]
+        n = ids.shape[1]
+        if config.positions == "after":
+            positions = length + torch.arange(fed.numel(), device=device)[fed]
+        else:
+            positions = length + torch.arange(n, device=device) % config.span
+        rows = torch.arange(length, length + n, device=device)
+        return WindowPlan(length, rows, ids, positions.expand(batch, n))
+
+
 class NoWindow(WindowBuilder):
     """No queries: the scorer reads keys, values or positions only."""
 
@@ -183,4 +267,7 @@ class NoWindow(WindowBuilder):
 
 @hookimpl
 def register_window_builders():
-    return [SuffixWindow, PseudoWindow, SemanticWindow, UnionWindow, QuestionWindow, PromptWindow, NoWindow]
+    return [
+        SuffixWindow, PseudoWindow, SemanticWindow, UnionWindow, QuestionWindow, PromptWindow, ReconstructWindow,
+        NoWindow,
+    ]

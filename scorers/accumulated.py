@@ -8,7 +8,6 @@ stays O(chunk × L) per layer. ``aggregation="mean"`` divides by the number of q
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Literal
 
 import torch
@@ -16,7 +15,7 @@ from pydantic import Field
 
 from kvpress_like.hookspecs import hookimpl
 from kvpress_like.parts import LayerContext, PartConfig, Scorer
-from kvpress_like.scorers.attention import reduce_group, window_attention
+from kvpress_like.scorers.attention import received_attention, reduce_group
 
 
 class AccumulatedConfig(PartConfig):
@@ -33,14 +32,7 @@ class AccumulatedScorer(Scorer):
     Config = AccumulatedConfig
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
-        total = None
-        for start in range(0, ctx.queries.shape[2], self.config.chunk):
-            stop = start + self.config.chunk
-            part = dataclasses.replace(
-                ctx, queries=ctx.queries[:, :, start:stop], query_rows=ctx.query_rows[start:stop]
-            )
-            received = window_attention(part).sum(dim=3)
-            total = received if total is None else total + received
+        total = received_attention(ctx, "sum", self.config.chunk)
         if self.config.aggregation == "mean":
             keys = torch.arange(ctx.prompt_length, device=total.device)
             seen_by = (ctx.query_rows.to(total.device)[:, None] >= keys[None, :]).sum(dim=0).clamp(min=1)

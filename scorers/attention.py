@@ -1,13 +1,17 @@
 """The ``attention`` scorer: softmax attention mass that the window's queries put on each prompt key.
 
 This is the score of SnapKV (Li et al. 2024, window = last prompt tokens, pooled), of TOVA (Oren et al.
-2024, window = the last token, averaged over all heads) and of DapQ (Tian et al. 2026, arXiv 2603.11564,
-Eq. 4: sum over pseudo queries of post-RoPE softmax attention). Memory is O(window × T) per layer: no
+2024, window = the last token, averaged over all heads), of DapQ (Tian et al. 2026, arXiv 2603.11564,
+Eq. 4: sum over pseudo queries of post-RoPE softmax attention) and of KVzip (Kim et al. 2025, arXiv
+2505.23416, §3.2: the largest attention a key receives from any reconstruction query of its KV group,
+``aggregation="max"``, ``gqa="max"``). The window's queries are scored ``block`` rows at a time, so
+memory is O(block × T) per layer however long the window (a KVzip reconstruction has ~L rows): no
 L × L matrix is ever built.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import torch
@@ -68,8 +72,33 @@ def reduce_group(scores: torch.Tensor, how: str) -> torch.Tensor:
     return scores.mean(dim=2) if how == "mean" else scores.amax(dim=2)
 
 
+def received_attention(
+    ctx: LayerContext, how: Literal["sum", "mean", "max"], block: int, domain: Literal["visible", "prompt"] = "visible"
+) -> torch.Tensor:
+    """Attention each prompt key receives from the window's queries, ``[batch, kv_heads, group, L]``.
+
+    Summed, averaged or maximised over the queries, ``block`` queries at a time (O(block × T) memory).
+    """
+    window = ctx.queries.shape[2]
+    total = None
+    for start in range(0, max(window, 1), block):
+        part = dataclasses.replace(
+            ctx, queries=ctx.queries[:, :, start : start + block], query_rows=ctx.query_rows[start : start + block]
+        )
+        probs = window_attention(part, domain)
+        if how == "max":
+            got = probs.amax(dim=3) if probs.shape[3] else probs.sum(dim=3)
+            total = got if total is None else torch.maximum(total, got)
+        else:
+            got = probs.sum(dim=3)
+            total = got if total is None else total + got
+    return total / window if how == "mean" else total
+
+
 class AttentionConfig(PartConfig):
-    aggregation: Literal["sum", "mean"] = Field("sum", description="how the window's queries are combined")
+    aggregation: Literal["sum", "mean", "max"] = Field(
+        "sum", description="how the window's queries are combined (max: the largest attention received, KVzip)"
+    )
     gqa: Literal["mean", "max", "all_heads"] = Field(
         "mean", description="reduction over query heads: per KV group (mean|max) or over all heads (TOVA)"
     )
@@ -78,6 +107,7 @@ class AttentionConfig(PartConfig):
     softmax_domain: Literal["visible", "prompt"] = Field(
         "visible", description="visible: every key the query sees; prompt: prompt keys only"
     )
+    block: int = Field(256, ge=1, description="window queries scored at a time (memory O(block × keys))")
 
     @model_validator(mode="after")
     def _odd_kernel(self):
@@ -88,13 +118,12 @@ class AttentionConfig(PartConfig):
 
 def attention_scores(ctx: LayerContext, config: AttentionConfig) -> torch.Tensor:
     """``[batch, kv_heads, L]`` attention scores of the window under ``config``."""
-    probs = window_attention(ctx, config.softmax_domain)
-    per_head = probs.sum(dim=3) if config.aggregation == "sum" else probs.mean(dim=3)
+    per_head = received_attention(ctx, config.aggregation, config.block, config.softmax_domain)
     return pool_before_window(reduce_group(per_head, config.gqa), ctx, config.pooling, config.kernel)
 
 
 class AttentionScorer(Scorer):
-    """Sum (or mean) over window queries of causal softmax attention, GQA-reduced, optionally pooled."""
+    """Sum, mean or max over window queries of causal softmax attention, GQA-reduced, optionally pooled."""
 
     name = "attention"
     summary = "softmax attention mass of the window's queries on each prompt key"

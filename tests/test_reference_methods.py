@@ -3,7 +3,8 @@
 The references share no code with the library's windows, scorers, allocators or selectors. Each one runs
 the *uncompressed* model once under eager attention with ``output_attentions=True`` (on the prompt, or
 on the prompt followed by DapQ's 32 pseudo tokens — first 4 + last 28 prompt ids, which a plain forward
-of the concatenation puts at positions L … L+31) and computes the scores from the model's own full
+of the concatenation puts at positions L … L+31 — or by KVzip's reconstruction of the prompt, at explicit
+position ids) and computes the scores from the model's own full
 attention matrices, its cache's post-RoPE keys and values, and (Expected Attention) the pre-RoPE queries
 recomputed from the hidden states. Selections are written as plain set logic over those scores.
 
@@ -42,8 +43,8 @@ MAX_NEAR_TIES = 3  # per (sequence, head): more would make the comparison too lo
 # Every built-in method has a reference test below (see test_every_registered_method_is_covered).
 METHODS = [
     "ada_dapq", "ada_snapkv", "critical_dapq", "critical_snapkv", "dapq", "dapq_chunk", "dapq_plus", "dapq_pyramid",
-    "expected_attention", "full", "h2o", "knorm", "pyramidkv", "random", "snapkv", "snapkv_chunk",
-    "streaming_llm", "tova",
+    "expected_attention", "full", "h2o", "knorm", "kvzip", "kvzip_dapq", "pyramidkv", "random", "snapkv",
+    "snapkv_chunk", "streaming_llm", "tova",
 ]
 
 
@@ -686,6 +687,124 @@ def test_dapq_plus_matches_reference(arch, length, budget):
         scores = torch.cat([zero_padded_avg_pool(raw[..., :start], KERNEL), raw[..., start:]], dim=-1)
         expected = chunk_reference(scores, budget, protected)
         assert_masks_match(dense_mask(report, layer, length, budget), expected, what=f"layer {layer}")
+
+
+# ---------------------------------------------------------------------------------------------
+# kvzip (context reconstruction, max attention, one top-k per layer)
+# ---------------------------------------------------------------------------------------------
+
+INSTRUCTION_IDS, RESUME_IDS, OPENER_IDS = [11, 12, 13], [21, 22], [31]
+
+
+def reconstruction_ids(row: list[int], start: int, chunk: int, overlap: int, period: int, keep: int):
+    """KVzip's reconstruction input for one prompt, as ``(token, offset in the full reconstruction)`` pairs.
+
+    The prompt from ``start`` on in chunks; the first after the instruction, every later one after the resume
+    ids and the previous chunk's last ``overlap`` tokens; the opener right before each chunk's tokens. With
+    ``period > 1`` only the prompt tokens j with j mod period < keep are fed (cue tokens always are).
+    """
+    out, offset = [], 0
+    for first in range(start, len(row), chunk):
+        cue = INSTRUCTION_IDS if first == start else RESUME_IDS + row[max(start, first - overlap) : first]
+        for token in cue + OPENER_IDS:
+            out.append((token, offset))
+            offset += 1
+        for j in range(first, min(first + chunk, len(row))):
+            if j % period < keep:
+                out.append((row[j], offset))
+            offset += 1
+    return out
+
+
+@functools.cache
+def reconstruction_attentions(arch: str, length: int, start: int, chunk: int, period: int, keep: int,
+                              positions: str) -> list[torch.Tensor]:
+    """Eager attention of the uncompressed model over [prompt ; reconstruction], ``[B, H, T, T]`` float64.
+
+    Positions: the prompt at 0 … L−1; a reconstruction row at L + its offset (``after``) or at L + (its
+    index mod 32) (``decoding``).
+    """
+    model = model_for(arch)
+    ids = prompt_ids(length)
+    rows = [reconstruction_ids(r, start, chunk, 8, period, keep) for r in ids.tolist()]
+    tokens = torch.tensor([[token for token, _ in r] for r in rows])
+    if positions == "after":
+        extra = [length + offset for _, offset in rows[0]]
+    else:
+        extra = [length + i % 32 for i in range(len(rows[0]))]
+    position_ids = torch.tensor(list(range(length)) + extra).expand(BATCH, -1)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        out = model(input_ids=torch.cat([ids, tokens], dim=1), position_ids=position_ids, output_attentions=True,
+                    **model_inputs(model, cache))
+    return [a.double() for a in out.attentions]
+
+
+def max_received(attentions: torch.Tensor, length: int, n_kv: int) -> torch.Tensor:
+    """KVzip's score: the largest attention key j gets from any reconstruction row and any query head of its
+    KV group, ``[B, kv_heads, L]``."""
+    per_head = attentions[:, :, length:, :length].amax(dim=2)  # over the reconstruction rows
+    batch, heads, _ = per_head.shape
+    return per_head.reshape(batch, n_kv, heads // n_kv, length).amax(dim=2)
+
+
+def global_reference(scores: torch.Tensor, budget: int, protected: set[int]):
+    """One top-(heads × budget) over every (head, token) of the layer; protected tokens first in every head."""
+    batch, heads, length = scores.shape
+    kept = torch.zeros(batch, heads, length, dtype=torch.bool)
+    near = torch.zeros_like(kept)
+    for b in range(batch):
+        values = scores[b].tolist()
+        ranked = sorted(((math.inf if j in protected else values[h][j], h, j) for h in range(heads)
+                         for j in range(length)), reverse=True)
+        for _, h, j in ranked[: heads * budget]:
+            kept[b, h, j] = True
+        cut = ranked[heads * budget - 1][0]
+        near[b] = (scores[b] - cut).abs() <= tol_of(scores[b])
+    for j in protected:
+        near[:, :, j] = False
+    return kept, near
+
+
+def kvzip_options(start: int, chunk: int) -> dict:
+    return {"instruction_ids": INSTRUCTION_IDS, "resume_ids": RESUME_IDS, "opener_ids": OPENER_IDS, "start": start,
+            "chunk_size": chunk}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("method", "positions"), [("kvzip", "after"), ("kvzip_dapq", "decoding")])
+@pytest.mark.parametrize(("length", "budget", "start", "chunk"), [(128, 40, 0, 2048), (100, 30, 5, 40)])
+def test_kvzip_matches_reference(arch, method, positions, length, budget, start, chunk):
+    """One chunk from the first token, and three chunks after a 5-token head (resume ids + 8-token overlap);
+    kvzip_dapq: the same rows at positions L + (row index mod 32)."""
+    attentions = reconstruction_attentions(arch, length, start, chunk, 1, 1, positions)
+    report = run(method, arch, length, budget, window=kvzip_options(start, chunk)).report
+    uneven = False
+    for layer in range(n_layers(arch)):
+        expected, near = global_reference(max_received(attentions[layer], length, kv_heads(arch)), budget,
+                                          set(range(4)))
+        layer_report = report.layers[layer]
+        assert layer_report.kept_counts.sum(-1).eq(budget * kv_heads(arch)).all(), "the layer budget is shared"
+        assert_masks_match(layer_report.kept_mask(length).cpu(), expected, near, what=f"layer {layer}")
+        uneven |= len(set(expected.sum(-1).flatten().tolist())) > 1
+    assert uneven, "the heads should get different budgets somewhere on these models"
+
+
+def test_kvzip_references_are_not_dapq_nor_each_other():
+    """Guard against vacuous comparisons: max over the reconstruction picks other keys than DapQ's sum, and
+    the decoding positions change what the reconstruction picks."""
+    length, budget = 128, 40
+    ref = reference_forward("llama", length, pseudo=True)
+    after = reconstruction_attentions("llama", length, 0, 2048, 1, 1, "after")
+    decoding = reconstruction_attentions("llama", length, 0, 2048, 1, 1, "decoding")
+    differ = {"dapq": 0, "decoding": 0}
+    for layer in range(n_layers("llama")):
+        kvzip, _ = global_reference(max_received(after[layer], length, kv_heads("llama")), budget, set(range(4)))
+        dapq, _ = global_reference(dapq_scores("llama", ref, layer), budget, set(range(4)))
+        moved, _ = global_reference(max_received(decoding[layer], length, kv_heads("llama")), budget, set(range(4)))
+        differ["dapq"] += int((kvzip != dapq).sum())
+        differ["decoding"] += int((kvzip != moved).sum())
+    assert min(differ.values()) > 20, differ
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,12 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from pydantic import Field
 
 from kvpress_like.cache import CompressedCache
 from kvpress_like.errors import ConfigError
 from kvpress_like.eval import metrics
 from kvpress_like.eval.capture import QueryCapture
 from kvpress_like.eval.protocols import greedy, logits_along, prepare, select_rows, signature, stack
+from kvpress_like.parts import LayerContext, PartConfig, Scorer, WindowBuilder, WindowPlan
 from kvpress_like.pipeline import Pipeline, eos_ids
 from kvpress_like.prefill import prefill_many, shallow_copy
 from kvpress_like.scorers.attention import window_attention
@@ -46,9 +48,12 @@ class Candidate:
 
 @dataclass
 class SampleResult:
+    """The reference and the candidates' rows for one question; ``followups``: the sample's other questions."""
+
     reference: dict[str, Any]
     rows: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    followups: list[SampleResult] = field(default_factory=list)
 
 
 def reference_pipeline() -> Pipeline:
@@ -128,27 +133,58 @@ def evaluate_sample(
     attention_metrics: bool = True,
     batch: bool = True,
 ) -> SampleResult:
-    """Run the reference and every candidate on ``sample`` under ``protocol``; one row per candidate."""
-    started = time.perf_counter()
-    prompt = prepare(tokenizer, sample, protocol, answer_prefix)
-    ids = prompt.input_ids.to(model.device)
-    total, compressed = prompt.length, prompt.compress_length
-    head, rest = ids[:, :compressed], ids[:, compressed:]
-    max_new = max_new_tokens or sample.max_new_tokens
-    eos = eos_ids(model, tokenizer)
+    """Run the reference and every candidate on ``sample`` under ``protocol``; one row per candidate.
 
-    errors = {id(c): preflight(model, c.pipeline, head, prompt.question_span) for c in candidates}
+    A sample with several questions (:meth:`~kvpress_like.eval.tasks.Sample.questions`) gets one result per
+    question, the first returned and the others in its ``followups``. Query-agnostic, the context is
+    compressed once and every question is answered from copies of the same compressed caches (the reuse
+    scenario); question-aware, each question needs its own compression and is evaluated on its own.
+    """
+    questions = sample.questions()
+    options = dict(answer_prefix=answer_prefix, max_new_tokens=max_new_tokens,
+                   attention_metrics=attention_metrics, batch=batch)
+    if protocol == "question_aware" and len(questions) > 1:
+        first, *others = [evaluate_sample(model, tokenizer, q, protocol, candidates, **options) for q in questions]
+        first.followups = others
+        return first
+    started = time.perf_counter()
+    prompts = [prepare(tokenizer, q, protocol, answer_prefix) for q in questions]
+    compressed = prompts[0].compress_length
+    head = prompts[0].input_ids[:, :compressed].to(model.device)
+    if any(not torch.equal(p.input_ids[:, :compressed].to(model.device), head) for p in prompts[1:]):
+        raise ConfigError(f"the questions of sample {sample.task!r} do not share the compressed context")
+
+    errors = {id(c): preflight(model, c.pipeline, head, prompts[0].question_span) for c in candidates}
     runnable = [c for c in candidates if errors[id(c)] is None]
     windows: dict[str, dict[int, torch.Tensor]] = {}
-    reference = reference_pipeline()
-    results = _prefill(model, head, [reference] + [c.pipeline for c in runnable], prompt.question_span,
-                       windows if attention_metrics else None, errors, runnable)
-    ref = results[0]
-    timing = {"prefill_all": time.perf_counter() - started}
+    results = _prefill(model, head, [reference_pipeline()] + [c.pipeline for c in runnable],
+                       prompts[0].question_span, windows if attention_metrics else None, errors, runnable)
+    prefill_seconds = time.perf_counter() - started
+    pairs = [(c, r) for c, r in zip(runnable, results[1:], strict=True) if r is not None]
+    outs = [
+        _answer(model, tokenizer, question, prompt, results[0], pairs, candidates, errors, windows, options)
+        for question, prompt in zip(questions, prompts, strict=True)
+    ]
+    for out in outs:
+        out.reference["timing"] = {"prefill_all": round(prefill_seconds, 3), **out.reference["timing"]}
+    outs[0].followups = outs[1:]
+    outs[0].seconds = time.perf_counter() - started
+    return outs[0]
+
+
+def _answer(model, tokenizer, sample, prompt, ref, pairs, candidates, errors, windows, options) -> SampleResult:
+    """One question answered from (copies of) the compressed caches: the reference, then every candidate."""
+    started = time.perf_counter()
+    ids = prompt.input_ids.to(model.device)
+    total, compressed = prompt.length, prompt.compress_length
+    rest = ids[:, compressed:]
+    max_new = options["max_new_tokens"] or sample.max_new_tokens
+    eos = eos_ids(model, tokenizer)
+    attention_metrics = options["attention_metrics"]
 
     # The full-cache reference: rows after the compressed part, greedy answer, teacher-forced replay.
     capture = QueryCapture(model, prefix=compressed) if attention_metrics else None
-    ref_cache = ref.cache
+    ref_cache = shallow_copy(ref.cache)
     with capture or _null():
         logits0 = logits_along(model, ref_cache, rest, compressed)[:, -1] if rest.shape[1] else ref.next_token_logits
         if capture:
@@ -159,7 +195,7 @@ def evaluate_sample(
         replay = logits_along(model, shallow_copy(ref_cache), torch.tensor([answer], device=model.device), total)
     ref_logits = torch.cat([logits0[:, None], replay[:, :-1]], dim=1)[0]  # [n, V]: predicts answer[i]
     ref_text = tokenizer.decode(answer, skip_special_tokens=True)
-    timing["reference"] = time.perf_counter() - started - timing["prefill_all"]
+    timing = {"reference": time.perf_counter() - started}
     out = SampleResult(
         reference={
             "answer": ref_text, "correct": sample.is_correct(ref_text), "score": sample.score(ref_text),
@@ -172,11 +208,10 @@ def evaluate_sample(
 
     # Candidates, grouped by cache shape so that each group runs batched.
     by_candidate: dict[int, dict[str, Any]] = {}
-    pairs = [(c, r) for c, r in zip(runnable, results[1:], strict=True) if r is not None]
-    for group in _groups(pairs, batch):
+    for group in _groups(pairs, options["batch"]):
         _run_group(model, tokenizer, sample, group, rest, compressed, total, answer, ref_logits, max_new, eos,
                    by_candidate)
-    timing["candidates"] = time.perf_counter() - started - timing["prefill_all"] - timing["reference"]
+    timing["candidates"] = time.perf_counter() - started - timing["reference"]
     out.reference["timing"] = {k: round(v, 3) for k, v in timing.items()}
     for candidate in candidates:
         row = {"label": candidate.label, "method": candidate.pipeline.method, "budget": candidate.budget}
@@ -215,7 +250,7 @@ def _prefill(model, head, pipelines, span, windows, errors, runnable):
         pipeline.scorer = _WindowRecorder(pipeline.scorer, windows, _window_key(pipeline))
     try:
         try:
-            return prefill_many(model, head, pipelines, question_span=span)
+            return _prefill_replaying(model, head, pipelines, span)
         except Exception as error:  # one bad configuration must not sink the whole cell
             log.warning("shared prefill failed (%s); running the %d pipelines one by one", error, len(pipelines))
         results = prefill_many(model, head, pipelines[:1], question_span=span)
@@ -229,6 +264,86 @@ def _prefill(model, head, pipelines, span, windows, errors, runnable):
     finally:
         for pipeline, scorer in wrapped:
             pipeline.scorer = scorer
+
+
+class _ReplayConfig(PartConfig):
+    source: str = Field(description="the window and scorer whose scores are replayed (keeps replays apart)")
+
+
+class _ReplayWindow(WindowBuilder):
+    """One appended row (the prompt's last id at position L): the cheapest forward that runs the compression."""
+
+    name = "replay"
+    Config = _ReplayConfig
+
+    def plan(self, input_ids: torch.Tensor, question_span: tuple[int, int] | None = None) -> WindowPlan:
+        batch, length = input_ids.shape
+        positions = torch.full((batch, 1), length, device=input_ids.device)
+        return WindowPlan(length, torch.tensor([length], device=input_ids.device), input_ids[:, -1:], positions)
+
+
+class _ReplayScorer(Scorer):
+    """Hands out the scores another pipeline's scorer computed on the same prompt, layer by layer."""
+
+    name = "replay"
+    Config = _ReplayConfig
+
+    def __init__(self, config: _ReplayConfig, scores: dict[int, torch.Tensor]):
+        super().__init__(config)
+        self.scores = scores
+
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        return self.scores[ctx.layer_idx].clone()
+
+
+class _ScoreTap:
+    """Wraps a scorer to keep every layer's scores for the pipelines that replay them."""
+
+    def __init__(self, inner, scores: dict[int, torch.Tensor]):
+        self._inner, self._scores = inner, scores
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    def score(self, ctx):
+        scores = self._inner.score(ctx)
+        self._scores[ctx.layer_idx] = scores.clone()
+        return scores
+
+
+def _prefill_replaying(model, head, pipelines: list[Pipeline], span) -> list:
+    """``prefill_many``, running each window's appended rows once per prompt rather than once per budget.
+
+    ``prefill_many`` shares a scoring between pipelines with the same window and scorer, but runs the
+    appended rows of each pipeline in a forward of their own: for a reconstruction window (~L rows) that
+    is one more prefill per budget. Here the first pipeline of such a group scores as usual and keeps its
+    scores; the others replay them through one appended row, so their kept sets are exactly those of
+    ``prefill_many`` and their reported compression time is the first one's (what each would cost alone).
+    """
+    taps, leads, runs, replays = [], {}, [], {}
+    for index, pipeline in enumerate(pipelines):
+        key = f"{_window_key(pipeline)}|{pipeline.scorer.name}:{pipeline.scorer.config.model_dump_json()}"
+        shareable = index > 0 and not getattr(pipeline.scorer, "reads_budget", False)
+        if not shareable or pipeline.window.plan(head, span).n_appended == 0:
+            runs.append(pipeline)
+        elif key not in leads:  # the first of its group: scores as usual, keeps its scores
+            leads[key] = (index, {})
+            taps.append((pipeline, pipeline.scorer))
+            pipeline.scorer = _ScoreTap(pipeline.scorer, leads[key][1])
+            runs.append(pipeline)
+        else:  # a later one: replays the first one's scores (it runs after it: prefill_many keeps the order)
+            config = _ReplayConfig(source=key)
+            replays[index] = leads[key][0]
+            runs.append(Pipeline(pipeline.method, pipeline.budget, _ReplayWindow(config),
+                                 _ReplayScorer(config, leads[key][1]), pipeline.allocator, pipeline.selector))
+    try:
+        results = prefill_many(model, head, runs, question_span=span)
+    finally:
+        for pipeline, scorer in taps:
+            pipeline.scorer = scorer
+    for index, lead in replays.items():
+        results[index].report.seconds = results[lead].report.seconds
+    return results
 
 
 def _similarity(window_layers: dict[int, torch.Tensor], true_mass: dict[int, torch.Tensor]) -> dict[int, float]:

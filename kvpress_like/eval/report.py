@@ -8,6 +8,7 @@ on retention stays ≥ 95% (see :func:`kvpress_like.eval.metrics.b95`).
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 from collections import defaultdict
@@ -20,18 +21,35 @@ from kvpress_like.eval.runner import FULL, budget_key
 ALL = "all"
 TABLE_FIELDS = (
     "task", "protocol", "length", "method", "budget", "n", "correct", "accuracy", "ci_low", "ci_high",
-    "full_accuracy", "retention", "score", "token_match", "kl", "recall", "similarity", "errors",
+    "full_accuracy", "retention", "score", "token_match", "kl", "recall", "similarity", "cost", "errors",
 )
 
 
 def merge_cells(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """One entry per cell: its first reference, and per (label, budget) the last row written."""
+    """One entry per cell: its first reference, and per (label, budget) the last row written.
+
+    A record's follow-up questions become cells of their own, ``<cell>|q<number>``, with a ``question``.
+    """
     cells: dict[str, dict[str, Any]] = {}
-    for record in records:
+    for record in _questions(records):
         cell = cells.setdefault(record["cell"], {**{k: v for k, v in record.items() if k != "rows"}, "rows": {}})
         for row in record["rows"]:
             cell["rows"][(row["label"], str(row["budget"]))] = row
     return cells
+
+
+def _questions(records: list[dict[str, Any]]):
+    """Each record, then one record per follow-up question (same context, same compressed caches)."""
+    for record in records:
+        base = {k: v for k, v in record.items() if k != "followups"}
+        yield base
+        for followup in record.get("followups", []):
+            yield {**base, **followup, "cell": f"{record['cell']}|q{followup['question']}"}
+
+
+def _tasks(cell: dict[str, Any]) -> list[str]:
+    """The task, and for a question of a multi-question sample also ``<task> q<number>`` (per-question tables)."""
+    return [cell["task"]] + ([f"{cell['task']} q{cell['question']}"] if "question" in cell else [])
 
 
 def aggregate(
@@ -46,8 +64,8 @@ def aggregate(
     lengths = {cell["length"] for cell in cells.values()}
     for cell in cells.values():
         scopes = [cell["length"]] + ([ALL] if len(lengths) > 1 else [])
-        for length in scopes:
-            base = (cell["task"], cell["protocol"], length)
+        for task, length in itertools.product(_tasks(cell), scopes):
+            base = (task, cell["protocol"], length)
             groups[(*base, FULL, "100%")].append((cell["reference"], None))
             for (label, budget), row in cell["rows"].items():
                 groups[(*base, label, budget)].append((cell["reference"], row))
@@ -75,8 +93,8 @@ def paired(records: list[dict[str, Any]], anchor: str) -> dict[tuple, tuple[int,
             mine = rows.get((anchor, budget))
             if label == anchor or mine is None or row.get("error") or mine.get("error"):
                 continue
-            for length in [cell["length"]] + ([ALL] if len(lengths) > 1 else []):
-                entry = counts[(cell["task"], cell["protocol"], length, label, budget)]
+            for task, length in itertools.product(_tasks(cell), [cell["length"]] + ([ALL] if len(lengths) > 1 else [])):
+                entry = counts[(task, cell["protocol"], length, label, budget)]
                 entry[0] += bool(mine["correct"]) and not row["correct"]
                 entry[1] += bool(row["correct"]) and not mine["correct"]
     return {key: (w, l_, mcnemar_p(w, l_)) for key, (w, l_) in counts.items()}
@@ -117,10 +135,20 @@ def _table_row(key: tuple, items: list[tuple[dict, dict | None]]) -> dict[str, A
         "full_accuracy": full_acc, "retention": 1.0 if is_full and n else metrics.retention(acc, full_acc),
         "score": _mean_score(ok, is_full),
         "token_match": mean("token_match"), "kl": mean("kl"), "recall": mean("recall"),
-        "similarity": mean("similarity"), "errors": len(items) - len(ok),
+        "similarity": mean("similarity"), "cost": 1.0 if is_full else _mean_cost(ok), "errors": len(items) - len(ok),
         "recall_layers": None if is_full else _mean_lists([row.get("recall_layers") for _, row in ok]),
         "error_example": next((row["error"] for _, row in items if row and row.get("error")), None),
     }
+
+
+def _mean_cost(items: list[tuple[dict, dict | None]]) -> float | None:
+    """Mean of (prefill + compression) / prefill: the compressed prefill's time against a plain one's."""
+    ratios = [
+        (ref["prefill_seconds"] + row["compress_seconds"]) / ref["prefill_seconds"]
+        for ref, row in items
+        if ref.get("prefill_seconds") and row.get("compress_seconds") is not None
+    ]
+    return sum(ratios) / len(ratios) if ratios else None
 
 
 def _mean_score(items: list[tuple[dict, dict | None]], is_full: bool) -> float | None:
@@ -245,7 +273,8 @@ def markdown(grid, table: list[dict[str, Any]], b95: list[dict[str, Any]], timin
                 f"n = {full['n']}.", "",
             ]
         header = ["| method | " + " | ".join(budgets) + " |", "| --- | " + " | ".join("---:" for _ in budgets) + " |"]
-        lines += ["**Accuracy** (%)", "", header[0][:-1] + "| B95 |", header[1] + " ---: |"]
+        lines += ["**Accuracy** (%); cost = (prefill + compression) / plain prefill, measured in the same run",
+                  "", header[0][:-1] + "| B95 | cost |", header[1] + " ---: | ---: |"]
         for method in methods:
             entries = []
             for budget in budgets:
@@ -255,7 +284,9 @@ def markdown(grid, table: list[dict[str, Any]], b95: list[dict[str, Any]], timin
                 else:
                     entries.append(f"{pct(r['accuracy'])} [{pct(r['ci_low'])}–{pct(r['ci_high'])}]")
             best = b95_of.get((task, protocol, length, method)) or "—"
-            lines.append(f"| {method} | " + " | ".join(entries) + f" | {best} |")
+            costs = [cell[(method, b)]["cost"] for b in budgets if cell.get((method, b), {}).get("cost") is not None]
+            cost = f"{sum(costs) / len(costs):.2f}×" if costs else "–"
+            lines.append(f"| {method} | " + " | ".join(entries) + f" | {best} | {cost} |")
         detailed = length == ALL or len({k[2] for k in blocks if k[:2] == (task, protocol)}) == 1
         metrics_shown = [("retention", "Retention (%)", pct)]
         if detailed:

@@ -320,18 +320,25 @@ def pending_units(grid: GridConfig, out: Path, tokenizer, limit: int | None = No
 
 
 def run_unit(model, tokenizer, grid: GridConfig, unit: Unit) -> dict[str, Any]:
-    """Evaluate one unit; returns its ``cells.jsonl`` record."""
+    """Evaluate one unit; returns its ``cells.jsonl`` record (a sample's follow-up questions in ``followups``)."""
     candidates = [build_candidate(entry, budget) for entry, budget in unit.missing]
     result = evaluate_sample(
         model, tokenizer, unit.sample, unit.protocol, candidates,
         answer_prefix=grid.answer_prefix, max_new_tokens=grid.max_new_tokens,
         attention_metrics=grid.attention_metrics, batch=grid.batch,
     )
-    return {
+    record = {
         "cell": unit.key, "task": unit.task, "length": unit.length, "protocol": unit.protocol, "index": unit.index,
         "depth": unit.sample.meta.get("depth"), "seed": unit.sample.meta.get("seed"),
         "reference": result.reference, "rows": result.rows, "seconds": round(result.seconds, 3),
     }
+    if result.followups:  # more questions about the same context: one entry each, numbered from 1
+        record["question"] = 0
+        record["followups"] = [
+            {"question": number, "reference": f.reference, "rows": f.rows}
+            for number, f in enumerate(result.followups, start=1)
+        ]
+    return record
 
 
 class CellsFile:

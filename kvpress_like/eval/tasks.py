@@ -4,12 +4,15 @@ Every generator has the signature ``(tokenizer, context_tokens, depth, seed) -> 
 arguments always give the same sample. ``meta`` carries what the harness needs to run a sample on its
 own: ``answer_prefix`` (text that opens the answer, so answers stay short: the assistant turn of a chat
 model, or what follows the plain prompt's ``Answer:`` cue for a base model), ``max_new_tokens``
-and ``match`` (how the answers are checked). Users can bring their own JSONL of samples.
+and ``match`` (how the answers are checked); ``followups`` lists more questions about the same context
+(see :meth:`Sample.questions`). Users can bring their own JSONL of samples.
 
 * ``single_needle`` — RULER S-NIAH: one "special magic number" hidden in prose (``pydoc_data.topics``).
 * ``passkey`` — the classic pass-key retrieval in repetitive filler ("The grass is green. …").
-* ``multi_key`` — RULER MK-NIAH: the asked key's number plus distractor needles with other keys.
-* ``multi_value`` — RULER MV-NIAH: one key with several numbers; all of them must be returned.
+* ``multi_key`` — RULER MK-NIAH: the asked key's number plus distractor needles with other keys
+  (``ask_all``: every key is asked, one question each, about the same context).
+* ``multi_value`` — RULER MV-NIAH: one key with several numbers; all of them must be returned
+  (``n_keys``: more keys with their own numbers; ``ask_all``: every key is asked).
 * ``variable_tracking`` — RULER VT: a chain ``VAR A = 12345``, ``VAR B = VAR A``, …; name every variable.
 * ``prose_qa`` — a question about the real prose itself: which word follows a quoted passage.
 """
@@ -64,6 +67,25 @@ class Sample(BaseModel):
         if self.match == "all":
             return sum(hits) / len(hits) if hits else 0.0
         return float(any(hits))
+
+    def questions(self) -> list[Sample]:
+        """This sample, then one per entry of ``meta["followups"]``: the same context, another question.
+
+        An entry is ``{"question": str, "answers": [str, ...], "meta": {...}}``; its ``meta`` overrides this
+        sample's (e.g. its own ``answer_prefix``). None of the returned samples has follow-ups.
+        """
+        meta = {k: v for k, v in self.meta.items() if k != "followups"}
+        out = [self.model_copy(update={"meta": meta})]
+        for number, entry in enumerate(self.meta.get("followups", []), start=1):
+            try:
+                out.append(Sample(task=self.task, context=self.context, question=entry["question"],
+                                  answers=entry["answers"], meta={**meta, **entry.get("meta", {})}))
+            except (KeyError, TypeError, ValueError) as error:
+                raise ConfigError(
+                    f"follow-up {number} of a {self.task!r} sample is not a question ({error!r}); each entry of "
+                    'meta["followups"] needs "question" and "answers" (and optionally "meta")'
+                ) from None
+        return out
 
     @property
     def match(self) -> MatchMode:
@@ -150,38 +172,76 @@ def _magic(key: str, value: str) -> str:
     return f"One of the special magic numbers for {key} is: {value}."
 
 
-def multi_key(tokenizer, context_tokens: int, depth: float, seed: int, n_keys: int = 4) -> Sample:
-    """RULER MK-NIAH: the asked key's needle at ``depth``, ``n_keys - 1`` distractor keys elsewhere."""
+def _key_question(key: str) -> tuple[str, str]:
+    """Question and answer prefix asking for the number of ``key`` (MK-NIAH)."""
+    question = f"What is the special magic number for {key} mentioned in the text? Answer with the number only."
+    return question, f"The special magic number for {key} is"
+
+
+def _values_question(key: str) -> tuple[str, str]:
+    """Question and answer prefix asking for every number of ``key`` (MV-NIAH)."""
+    question = f"What are all the special magic numbers for {key} mentioned in the text? List them."
+    return question, f"The special magic numbers for {key} are:"
+
+
+def _followup(tokenizer, question: tuple[str, str], answers: list[str], key: str) -> dict:
+    """A ``meta["followups"]`` entry: another question about the same context."""
+    return {"question": question[0], "answers": answers,
+            "meta": {"key": key, "answer_prefix": answer_opening(tokenizer, question[1])}}
+
+
+def multi_key(
+    tokenizer, context_tokens: int, depth: float, seed: int, n_keys: int = 4, ask_all: bool = False
+) -> Sample:
+    """RULER MK-NIAH: the asked key's needle at ``depth``, ``n_keys - 1`` distractor keys elsewhere.
+
+    With ``ask_all`` every distractor key is asked too, as a follow-up question about the same context.
+    """
     rng = random.Random(seed)
     keys = rng.sample(KEY_WORDS, n_keys)
     values = [str(rng.randrange(1_000_000, 10_000_000)) for _ in keys]
     needles = [(depth, _magic(keys[0], values[0]))]
     needles += [(rng.random(), _magic(k, v)) for k, v in zip(keys[1:], values[1:], strict=True)]
     context = insert_many(haystack(tokenizer, context_tokens, seed), needles)
-    question = f"What is the special magic number for {keys[0]} mentioned in the text? Answer with the number only."
+    question, prefix = _key_question(keys[0])
+    asked = zip(keys[1:], values[1:], strict=True)
+    extra = {"followups": [_followup(tokenizer, _key_question(k), [v], k) for k, v in asked]}
     return Sample(
         task="multi_key", context=context, question=question, answers=[values[0]],
         meta=_meta(
             tokenizer, context_tokens, depth, seed, key=keys[0],
             distractors=dict(zip(keys[1:], values[1:], strict=True)),
-            answer_prefix=f"The special magic number for {keys[0]} is", max_new_tokens=10,
+            answer_prefix=prefix, max_new_tokens=10, **(extra if ask_all else {}),
         ),
     )
 
 
-def multi_value(tokenizer, context_tokens: int, depth: float, seed: int, n_values: int = 4) -> Sample:
-    """RULER MV-NIAH: one key with ``n_values`` numbers (the first at ``depth``); all must be returned."""
+def multi_value(
+    tokenizer, context_tokens: int, depth: float, seed: int, n_values: int = 4, n_keys: int = 1, ask_all: bool = False
+) -> Sample:
+    """RULER MV-NIAH: one key with ``n_values`` numbers (the first at ``depth``); all must be returned.
+
+    ``n_keys > 1`` hides ``n_values`` numbers for each of ``n_keys - 1`` more keys at random depths; with
+    ``ask_all`` each of them is asked too, as a follow-up question about the same context.
+    """
     rng = random.Random(seed)
     key = rng.choice(KEY_WORDS)
     values = [str(rng.randrange(1_000_000, 10_000_000)) for _ in range(n_values)]
     needles = [(depth, _magic(key, values[0]))] + [(rng.random(), _magic(key, v)) for v in values[1:]]
+    others = rng.sample([k for k in KEY_WORDS if k != key], n_keys - 1)
+    other_values = [[str(rng.randrange(1_000_000, 10_000_000)) for _ in range(n_values)] for _ in others]
+    needles += [(rng.random(), _magic(k, v)) for k, vs in zip(others, other_values, strict=True) for v in vs]
     context = insert_many(haystack(tokenizer, context_tokens, seed), needles)
-    question = f"What are all the special magic numbers for {key} mentioned in the text? List them."
+    question, prefix = _values_question(key)
+    asked = zip(others, other_values, strict=True)
+    extra = {"followups": [_followup(tokenizer, _values_question(k), vs, k) for k, vs in asked]}
     return Sample(
         task="multi_value", context=context, question=question, answers=values,
         meta=_meta(
             tokenizer, context_tokens, depth, seed, key=key, match="all",
-            answer_prefix=f"The special magic numbers for {key} are:", max_new_tokens=14 * n_values + 4,
+            answer_prefix=prefix, max_new_tokens=14 * n_values + 4,
+            **({"other_keys": dict(zip(others, other_values, strict=True))} if others else {}),
+            **(extra if ask_all else {}),
         ),
     )
 
