@@ -310,6 +310,6 @@ def test_followup_records_become_cells_of_their_own(toy):
     table, _ = aggregate([record])
     rows = {(r["task"], r["method"]): r for r in table}
     assert rows[("multi_key", "kvzip")]["n"] == 2 and rows[("multi_key", "kvzip")]["accuracy"] == 0.5
-    assert rows[("multi_key q1", "kvzip")]["accuracy"] == 1.0 and rows[("multi_key q0", "kvzip")]["accuracy"] == 0.0
+    assert rows[("multi_key_q1", "kvzip")]["accuracy"] == 1.0 and rows[("multi_key_q0", "kvzip")]["accuracy"] == 0.0
     assert rows[("multi_key", "kvzip")]["cost"] == 2.0
 

@@ -48,8 +48,8 @@ def _questions(records: list[dict[str, Any]]):
 
 
 def _tasks(cell: dict[str, Any]) -> list[str]:
-    """The task, and for a question of a multi-question sample also ``<task> q<number>`` (per-question tables)."""
-    return [cell["task"]] + ([f"{cell['task']} q{cell['question']}"] if "question" in cell else [])
+    """The task, and for a question of a multi-question sample also ``<task>_q<number>`` (per-question tables)."""
+    return [cell["task"]] + ([f"{cell['task']}_q{cell['question']}"] if "question" in cell else [])
 
 
 def aggregate(
@@ -193,7 +193,8 @@ def write_summary(grid, records: list[dict[str, Any]], out: Path, run_seconds: f
     table, b95 = aggregate(records, [entry.name for entry in grid.method_entries()], list(grid.protocols))
     cells = merge_cells(records)
     timing = {
-        "cells": len(cells),
+        "cells": len({record["cell"] for record in records}),
+        "questions": len(cells),
         "cells_run_now": cells_run,
         "run_seconds_now": round(run_seconds, 1),
         "cell_seconds_total": round(sum(r["seconds"] for r in records), 1),
@@ -244,8 +245,10 @@ def markdown(grid, table: list[dict[str, Any]], b95: list[dict[str, Any]], timin
     lines += [
         f"Model `{grid.model}` ({grid.dtype}); tasks {', '.join(t.name for t in grid.tasks)}; "
         f"protocols {', '.join(grid.protocols)}; answer prefix {'on' if grid.answer_prefix else 'off'}.",
-        f"{timing['cells']} cells (sample × protocol); {timing['cell_seconds_total']} s of cell time "
-        f"({timing['cell_seconds_mean']} s per cell).",
+        f"{timing['cells']} cells (sample × protocol"
+        + (f"; {timing['questions']} questions, each context asked several" if timing["questions"] != timing["cells"]
+           else "")
+        + f"); {timing['cell_seconds_total']} s of cell time ({timing['cell_seconds_mean']} s per cell).",
         "",
         "Accuracy in %, with the Wilson 95% interval in brackets; n = samples per entry. Retention = method "
         "accuracy / full-cache accuracy on the same samples. B95 = smallest budget from which on retention "
