@@ -14,9 +14,10 @@ itself in chunks would have to hold the earlier chunks' uncompressed cache until
 
 :func:`prefill_many` (ablations) serves several pipelines from one prompt forward: it holds the full
 cache of the prompt while it writes a compressed copy per pipeline, and pipelines with appended rows
-each run those rows over a shallow copy of it. Pipelines with the same window and scorer score once
-and select per budget. Its reports say ``shared_full_cache=True``; one pipeline in it runs
-:func:`compressed_prefill` and keeps exactly what :meth:`Pipeline.prefill` keeps.
+run those rows over a shallow copy of it. Pipelines with the same window and scorer (one method at
+several budgets) share that forward and one scoring, and select per budget. Its reports say
+``shared_full_cache=True``; one pipeline in it runs :func:`compressed_prefill` and keeps exactly what
+:meth:`Pipeline.prefill` keeps.
 """
 
 from __future__ import annotations
@@ -110,7 +111,9 @@ def prefill_many(
     """Prefill ``input_ids`` ``[batch, L]`` once and compress it with every pipeline, in order.
 
     With several pipelines the prompt's full cache is held (``report.shared_full_cache``) so that one
-    forward serves them all; with one pipeline this is :func:`compressed_prefill`.
+    forward serves them all; pipelines with the same window and scorer (one method at several budgets)
+    also share one forward of their appended rows and one scoring. With one pipeline this is
+    :func:`compressed_prefill`.
     """
     if len(pipelines) == 1:
         return [compressed_prefill(model, input_ids, pipelines[0], attention_mask, question_span)]
@@ -124,12 +127,11 @@ def prefill_many(
     input_ids = input_ids.to(model.device)
     shared = CompressedCache(model.config)
     memos: dict[tuple[str, str], dict] = {}
+    keys = [(_part_key(p.window), _part_key(p.scorer)) for p in pipelines]
     jobs = [
-        _make_compressor(
-            p, model, adapter, input_ids, question_span, shared, target=CompressedCache(model.config),
-            scores_memo=memos.setdefault((_part_key(p.window), _part_key(p.scorer)), {}),
-        )
-        for p in pipelines
+        _make_compressor(p, model, adapter, input_ids, question_span, shared, target=CompressedCache(model.config),
+                         scores_memo=memos.setdefault(key, {}))
+        for p, key in zip(pipelines, keys, strict=True)
     ]
 
     started = time.perf_counter()
@@ -141,14 +143,20 @@ def prefill_many(
         layer.seconds for job in jobs for layer in job.report.layers.values()
     )
 
-    for job in jobs:
+    groups: dict[tuple[str, str], list[LayerCompressor]] = {}
+    for job, key in zip(jobs, keys, strict=True):
+        job.report.seconds = sum(layer.seconds for layer in job.report.layers.values())
+        if job.plan.n_appended:  # the same window and scorer: one forward of the appended rows serves them all
+            groups.setdefault(key, []).append(job)
+    for group in groups.values():
         started = time.perf_counter()
-        if job.plan.n_appended:
-            with job.attached(adapter.attention_modules()):
-                forward(model, shallow_copy(shared), job.plan.appended_ids, job.plan.appended_positions)
+        with ExitStack() as stack:
+            for job in group:
+                stack.enter_context(job.attached(adapter.attention_modules()))
+            forward(model, shallow_copy(shared), group[0].plan.appended_ids, group[0].plan.appended_positions)
+        for job in group:  # what each would cost alone: the shared forward and the scoring
             job.report.seconds = time.perf_counter() - started
-        else:
-            job.report.seconds = sum(layer.seconds for layer in job.report.layers.values())
+    for job in jobs:
         for i, layer in enumerate(shared.layers):  # layers left alone: exactly the uncompressed prefill's
             if i not in job.budgets:
                 job.target.layers[i] = copy.copy(layer)

@@ -22,14 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from pydantic import Field
 
 from kvpress_like.cache import CompressedCache
 from kvpress_like.errors import ConfigError
 from kvpress_like.eval import metrics
 from kvpress_like.eval.capture import QueryCapture
 from kvpress_like.eval.protocols import greedy, logits_along, prepare, select_rows, signature, stack
-from kvpress_like.parts import LayerContext, PartConfig, Scorer, WindowBuilder, WindowPlan
 from kvpress_like.pipeline import Pipeline, eos_ids
 from kvpress_like.prefill import prefill_many, shallow_copy
 from kvpress_like.scorers.attention import window_attention
@@ -250,7 +248,7 @@ def _prefill(model, head, pipelines, span, windows, errors, runnable):
         pipeline.scorer = _WindowRecorder(pipeline.scorer, windows, _window_key(pipeline))
     try:
         try:
-            return _prefill_replaying(model, head, pipelines, span)
+            return prefill_many(model, head, pipelines, question_span=span)
         except Exception as error:  # one bad configuration must not sink the whole cell
             log.warning("shared prefill failed (%s); running the %d pipelines one by one", error, len(pipelines))
         results = prefill_many(model, head, pipelines[:1], question_span=span)
@@ -264,86 +262,6 @@ def _prefill(model, head, pipelines, span, windows, errors, runnable):
     finally:
         for pipeline, scorer in wrapped:
             pipeline.scorer = scorer
-
-
-class _ReplayConfig(PartConfig):
-    source: str = Field(description="the window and scorer whose scores are replayed (keeps replays apart)")
-
-
-class _ReplayWindow(WindowBuilder):
-    """One appended row (the prompt's last id at position L): the cheapest forward that runs the compression."""
-
-    name = "replay"
-    Config = _ReplayConfig
-
-    def plan(self, input_ids: torch.Tensor, question_span: tuple[int, int] | None = None) -> WindowPlan:
-        batch, length = input_ids.shape
-        positions = torch.full((batch, 1), length, device=input_ids.device)
-        return WindowPlan(length, torch.tensor([length], device=input_ids.device), input_ids[:, -1:], positions)
-
-
-class _ReplayScorer(Scorer):
-    """Hands out the scores another pipeline's scorer computed on the same prompt, layer by layer."""
-
-    name = "replay"
-    Config = _ReplayConfig
-
-    def __init__(self, config: _ReplayConfig, scores: dict[int, torch.Tensor]):
-        super().__init__(config)
-        self.scores = scores
-
-    def score(self, ctx: LayerContext) -> torch.Tensor:
-        return self.scores[ctx.layer_idx].clone()
-
-
-class _ScoreTap:
-    """Wraps a scorer to keep every layer's scores for the pipelines that replay them."""
-
-    def __init__(self, inner, scores: dict[int, torch.Tensor]):
-        self._inner, self._scores = inner, scores
-
-    def __getattr__(self, name: str):
-        return getattr(self._inner, name)
-
-    def score(self, ctx):
-        scores = self._inner.score(ctx)
-        self._scores[ctx.layer_idx] = scores.clone()
-        return scores
-
-
-def _prefill_replaying(model, head, pipelines: list[Pipeline], span) -> list:
-    """``prefill_many``, running each window's appended rows once per prompt rather than once per budget.
-
-    ``prefill_many`` shares a scoring between pipelines with the same window and scorer, but runs the
-    appended rows of each pipeline in a forward of their own: for a reconstruction window (~L rows) that
-    is one more prefill per budget. Here the first pipeline of such a group scores as usual and keeps its
-    scores; the others replay them through one appended row, so their kept sets are exactly those of
-    ``prefill_many`` and their reported compression time is the first one's (what each would cost alone).
-    """
-    taps, leads, runs, replays = [], {}, [], {}
-    for index, pipeline in enumerate(pipelines):
-        key = f"{_window_key(pipeline)}|{pipeline.scorer.name}:{pipeline.scorer.config.model_dump_json()}"
-        shareable = index > 0 and not getattr(pipeline.scorer, "reads_budget", False)
-        if not shareable or pipeline.window.plan(head, span).n_appended == 0:
-            runs.append(pipeline)
-        elif key not in leads:  # the first of its group: scores as usual, keeps its scores
-            leads[key] = (index, {})
-            taps.append((pipeline, pipeline.scorer))
-            pipeline.scorer = _ScoreTap(pipeline.scorer, leads[key][1])
-            runs.append(pipeline)
-        else:  # a later one: replays the first one's scores (it runs after it: prefill_many keeps the order)
-            config = _ReplayConfig(source=key)
-            replays[index] = leads[key][0]
-            runs.append(Pipeline(pipeline.method, pipeline.budget, _ReplayWindow(config),
-                                 _ReplayScorer(config, leads[key][1]), pipeline.allocator, pipeline.selector))
-    try:
-        results = prefill_many(model, head, runs, question_span=span)
-    finally:
-        for pipeline, scorer in taps:
-            pipeline.scorer = scorer
-    for index, lead in replays.items():
-        results[index].report.seconds = results[lead].report.seconds
-    return results
 
 
 def _similarity(window_layers: dict[int, torch.Tensor], true_mass: dict[int, torch.Tensor]) -> dict[int, float]:
