@@ -82,7 +82,8 @@ def render_markdown(matrix: dict[tuple[str, str, str], str]) -> str:
     legend = (
         "✓ = compresses, decodes a multi-token continuation with finite logits, and keeps the same tokens "
         "as SDPA; ✗ = refused with the named error (never a silent wrong result). "
-        "Head-adaptive (ada_*) caches always decode through the `kvpress_like_ragged` attention. "
+        "Compressed caches decode through the `kvpress_like` attention (each layer masked by its own rows), "
+        "which a compressed prefill switches the model to. "
         "flash_attention_2 is not in the matrix: it needs a GPU (see the FAQ)."
     )
     return "\n".join([header, rule, *rows, "", legend, ""])
