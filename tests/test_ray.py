@@ -66,8 +66,10 @@ def records_by_cell(out) -> dict[str, dict]:
 
 
 def summary_text(out) -> str:
-    """``summary.md`` without its timing sentence and the command that wrote it."""
+    """``summary.md`` without what timing decides: its timing sentence, the cost column (measured prefill-time
+    ratios) and the command that wrote it."""
     text = re.sub(r"^```bash\n.*?\n```\n\n", "", (out / "summary.md").read_text(), flags=re.M | re.S)
+    text = re.sub(r"\| [\d.]+× \|$", "| <cost> |", text, flags=re.M)
     return re.sub(r"[\d.]+ s of cell time \([\d.]+ s per cell\)", "<timing>", text)
 
 

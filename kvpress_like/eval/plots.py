@@ -128,8 +128,9 @@ def accuracy_vs_budget(table: list[dict[str, Any]]) -> Figure | None:
                 points = sorted((r for r in rows if r["method"] == method), key=lambda r: budget_key(r["budget"]))
                 xs = [budgets.index(r["budget"]) for r in points if r["n"]]
                 ys = [100 * r["accuracy"] for r in points if r["n"]]
-                low = [100 * (r["accuracy"] - r["ci_low"]) for r in points if r["n"]]
-                high = [100 * (r["ci_high"] - r["accuracy"]) for r in points if r["n"]]
+                # float rounding can put a Wilson bound a hair past the accuracy (e.g. 10/10): never below 0
+                low = [max(0.0, 100 * (r["accuracy"] - r["ci_low"])) for r in points if r["n"]]
+                high = [max(0.0, 100 * (r["ci_high"] - r["accuracy"])) for r in points if r["n"]]
                 ax.errorbar(xs, ys, yerr=[low, high], marker="o", ms=3, capsize=2, lw=1.2, label=method)
             full = next((r for r in rows if r["method"] == FULL), None)
             if full and full["n"]:
