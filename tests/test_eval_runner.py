@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import kvpress_like
 from kvpress_like import build
 from kvpress_like.errors import ConfigError
 from kvpress_like.eval import runner
@@ -183,3 +184,25 @@ def test_summary_markdown_reports_ci_and_b95(toy, tmp_path, correct_at_25):
     assert {r["method"]: r["b95"] for r in data["b95"]} == {"dapq": expected_b95}
     text = (tmp_path / "summary.md").read_text()
     assert "Wilson 95%" in text and "| dapq |" in text and "B95" in text
+
+
+def test_records_carry_the_resolved_configuration_and_provenance(toy, tmp_path):
+    model, tokenizer = toy
+    run_grid(_grid(samples=1), tmp_path, model, tokenizer, progress=False)
+    (record,) = read_cells(tmp_path / "cells.jsonl")
+    (row,) = record["rows"]
+    assert row["config"] == build("dapq", budget="50%").config
+    assert record["provenance"]["version"] == kvpress_like.__version__
+    assert record["provenance"]["commit"] is None or len(record["provenance"]["commit"].split("+")[0]) == 40
+
+
+def test_resuming_refuses_a_method_that_now_resolves_differently(toy, tmp_path):
+    """A label whose method was redefined after its cells were written must not silently mix two methods."""
+    model, tokenizer = toy
+    run_grid(_grid(samples=2), tmp_path, model, tokenizer, progress=False)
+    lines = (tmp_path / "cells.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    first["rows"][0]["config"]["scorer"]["pooling"] = "max"  # as if dapq had pooled when this cell ran
+    (tmp_path / "cells.jsonl").write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    with pytest.raises(ConfigError, match="now resolves to"):
+        run_grid(_grid(samples=2), tmp_path, model, tokenizer, progress=False)

@@ -26,6 +26,7 @@ A grid is a YAML file::
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Iterable
@@ -304,11 +305,13 @@ def open_output(grid: GridConfig, out_dir: str | Path) -> Path:
 
 
 def pending_units(grid: GridConfig, out: Path, tokenizer, limit: int | None = None) -> list[Unit]:
-    """The units ``cells.jsonl`` in ``out`` still lacks (at most ``limit``); fails fast on bad methods."""
+    """The units ``cells.jsonl`` in ``out`` still lacks (at most ``limit``); fails fast on bad methods, and
+    on recorded cells whose (label, budget) now resolves to another pipeline configuration."""
     planned = planned_pairs(grid)  # fails fast on unknown methods or options, naming the valid ones
-    for entry, budget in planned:
-        build_candidate(entry, budget)
-    done = done_pairs(read_cells(out / CELLS_FILE))
+    configs = {(entry.name, budget): build_candidate(entry, budget).pipeline.config for entry, budget in planned}
+    records = read_cells(out / CELLS_FILE)
+    _check_recorded_configs(records, configs, out)
+    done = done_pairs(records)
     todo = []
     for task, length, index, sample in grid_samples(grid, tokenizer):
         for protocol in grid.protocols:
@@ -319,9 +322,48 @@ def pending_units(grid: GridConfig, out: Path, tokenizer, limit: int | None = No
     return todo if limit is None else todo[:limit]
 
 
+def _check_recorded_configs(records: list[dict[str, Any]], configs: dict[tuple[str, str], dict], out: Path) -> None:
+    """Refuse to resume when a recorded (label, budget) was computed with another configuration than it has now."""
+    for record in records:
+        for row in record["rows"]:
+            now = configs.get((row["label"], str(row["budget"])))
+            if now is not None and row.get("config") is not None and row["config"] != now:
+                raise ConfigError(
+                    f"{out / CELLS_FILE} holds {row['label']!r} at {row['budget']} computed with {row['config']}, "
+                    f"but it now resolves to {now} (the method or its defaults changed); resuming would mix two "
+                    "methods under one label: use another output folder, or give this one another label"
+                )
+
+
+def _with_configs(rows: list[dict[str, Any]], configs: dict[tuple[str, str], dict]) -> list[dict[str, Any]]:
+    return [{**row, "config": configs.get((row["label"], str(row["budget"])))} for row in rows]
+
+
+@functools.cache
+def provenance() -> dict[str, str | None]:
+    """The package version and, in a git checkout, the commit the code was run from (``+dirty`` if modified)."""
+    import subprocess
+
+    from kvpress_like import __version__
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {"version": __version__, "commit": None}
+    return {"version": __version__, "commit": commit + ("+dirty" if dirty else "")}
+
+
 def run_unit(model, tokenizer, grid: GridConfig, unit: Unit) -> dict[str, Any]:
-    """Evaluate one unit; returns its ``cells.jsonl`` record (a sample's follow-up questions in ``followups``)."""
+    """Evaluate one unit; returns its ``cells.jsonl`` record (a sample's follow-up questions in ``followups``).
+
+    Every row carries the resolved configuration of its pipeline, the record the package version and commit.
+    """
     candidates = [build_candidate(entry, budget) for entry, budget in unit.missing]
+    configs = {(c.label, str(c.budget)): c.pipeline.config for c in candidates}
     result = evaluate_sample(
         model, tokenizer, unit.sample, unit.protocol, candidates,
         answer_prefix=grid.answer_prefix, max_new_tokens=grid.max_new_tokens,
@@ -330,12 +372,13 @@ def run_unit(model, tokenizer, grid: GridConfig, unit: Unit) -> dict[str, Any]:
     record = {
         "cell": unit.key, "task": unit.task, "length": unit.length, "protocol": unit.protocol, "index": unit.index,
         "depth": unit.sample.meta.get("depth"), "seed": unit.sample.meta.get("seed"),
-        "reference": result.reference, "rows": result.rows, "seconds": round(result.seconds, 3),
+        "reference": result.reference, "seconds": round(result.seconds, 3), "provenance": provenance(),
+        "rows": _with_configs(result.rows, configs),
     }
     if result.followups:  # more questions about the same context: one entry each, numbered from 1
         record["question"] = 0
         record["followups"] = [
-            {"question": number, "reference": f.reference, "rows": f.rows}
+            {"question": number, "reference": f.reference, "rows": _with_configs(f.rows, configs)}
             for number, f in enumerate(result.followups, start=1)
         ]
     return record
