@@ -146,7 +146,7 @@ def restore_attention(model) -> None:
 @contextmanager
 def compressed_attention(model, cache=None):
     """Run ``model`` with the ``kvpress_like`` attention when ``cache`` needs it; the previous one is restored."""
-    if cache is not None and not getattr(cache, "needs_own_masks", False):
+    if cache is not None and not getattr(cache, "own_masks", False):
         yield model
         return
     previous = model.config._attn_implementation

@@ -85,11 +85,6 @@ class CompressedCache(DynamicCache):
         added[:, -rows:] = valid.to(added.device)
         self.added_valid[layer_idx] = added
 
-    @property
-    def needs_own_masks(self) -> bool:
-        """True when decoding must go through :mod:`kvpress_like.attention` (see the module docstring)."""
-        return self.own_masks
-
     def drop_trailing_rows(self, layer_idx: int, rows: int) -> None:
         """Forget the last ``rows`` entries of an uncompressed layer (appended window rows), as if never fed.
 
@@ -118,19 +113,6 @@ class CompressedCache(DynamicCache):
         if isinstance(layer, RaggedLayer):
             return layer.get_seq_length()
         return 0 if layer.keys is None or not layer.is_initialized else layer.keys.shape[-2]
-
-    def full_attention_lengths(self) -> list[int]:
-        """Physical lengths of the dense full-attention layers (not sliding-window, not ragged)."""
-        return [
-            self.physical_length(i)
-            for i, layer in enumerate(self.layers)
-            if not getattr(layer, "is_sliding", False) and not isinstance(layer, RaggedLayer)
-        ]
-
-    @property
-    def uneven(self) -> bool:
-        """True when full-attention layers hold different numbers of rows (per-layer budgets)."""
-        return len(set(self.full_attention_lengths())) > 1
 
     def replace_layer(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, seen: int) -> None:
         """Hold ``keys``/``values`` for a layer that has seen ``seen`` tokens."""
