@@ -30,19 +30,21 @@ class CompressedCache(DynamicCache):
         super().__init__(config=config)
         self.evicted: dict[int, int] = {}
         self.peak_nbytes = 0
+        self.track_peak = False  # set by a prefill while it runs: bytes are noted at every update then
         self.own_masks = False  # set by a compressed prefill: layers are masked by kvpress_like.attention
         self.token_mask: torch.Tensor | None = None  # [batch, logical length]: which tokens are real (padding)
         self.added_valid: dict[int, torch.Tensor] = {}  # per layer: validity of rows added after the prefill
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """DynamicCache's update, noting the bytes held afterwards (the peak of a prefill is read from here).
+        """DynamicCache's update; during a prefill it notes the bytes held afterwards (``peak_nbytes``).
 
-        With ``own_masks`` it returns a full-attention layer's rows as a :class:`MaskedKV`.
+        With ``own_masks`` it returns a full-attention layer's rows as a :class:`MaskedKV`, and the first
+        layer of each forward checks that the new tokens' positions follow what the cache has seen.
         """
-        if self.own_masks:
-            self._check_new_positions(layer_idx, kwargs.get("kwargs", {}).get("position_ids"))
+        if self.own_masks and layer_idx == 0:
+            self._check_new_positions(kwargs.get("kwargs", {}).get("position_ids"))
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        self.peak_nbytes = max(self.peak_nbytes, self.nbytes())
+        self.note_peak()
         layer = self.layers[layer_idx]
         if getattr(layer, "is_sliding", False) or not self.own_masks:
             return keys, values
@@ -56,12 +58,17 @@ class CompressedCache(DynamicCache):
         rows = key_states.shape[-2]
         return MaskedKV(keys, valid, lambda new: self._mark_added(layer_idx, new, rows)), values
 
-    def _check_new_positions(self, layer_idx: int, position_ids: torch.Tensor | None) -> None:
+    def note_peak(self) -> None:
+        """While ``track_peak``: remember the most key/value bytes held so far."""
+        if self.track_peak:
+            self.peak_nbytes = max(self.peak_nbytes, self.nbytes())
+
+    def _check_new_positions(self, position_ids: torch.Tensor | None) -> None:
         """Refuse tokens placed at positions this cache has already seen (``model.generate`` given only the ids
         that were prefilled feeds them all again: the answer would be silently wrong)."""
         if position_ids is None:
             return
-        before = self.get_seq_length(layer_idx)
+        before = self.get_seq_length(0)
         seen = torch.tensor([before]) if self.token_mask is None else self.token_mask[:, :before].sum(dim=1).cpu()
         last = position_ids[:, -1].cpu()
         if bool((last < seen).any()):
@@ -120,13 +127,13 @@ class CompressedCache(DynamicCache):
         layer.keys, layer.values = keys, values
         layer.is_initialized, layer.device = True, keys.device
         self.evicted[layer_idx] = seen - keys.shape[-2]
-        self.peak_nbytes = max(self.peak_nbytes, self.nbytes())
+        self.note_peak()
 
     def replace_with_ragged(self, layer_idx: int, layer: RaggedLayer, seen: int) -> None:
         """Hold a head-adaptive layer (each KV head its own length) for a layer that has seen ``seen`` tokens."""
         self.layers[layer_idx] = layer
         self.evicted[layer_idx] = seen - layer.get_seq_length()
-        self.peak_nbytes = max(self.peak_nbytes, self.nbytes())
+        self.note_peak()
 
     def layer_nbytes(self, layer_idx: int) -> int:
         """Bytes of the key and value tensors one layer really holds."""

@@ -11,6 +11,7 @@ keys and values, and any appended rows, are released at once) or into a separate
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -62,7 +63,7 @@ class LayerCompressor:
             for handle in handles:
                 handle.remove()
 
-    @property
+    @functools.cached_property
     def rows_needed(self) -> int:
         """Rows (prompt + appended) that must have gone through before this layer can be compressed."""
         last_window_row = int(self.plan.window_rows.max()) + 1 if self.plan.window_rows.numel() else 0

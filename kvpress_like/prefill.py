@@ -80,6 +80,7 @@ def compressed_prefill(
     sliding = [i for i, layer in enumerate(cache.layers) if getattr(layer, "is_sliding", False)]
 
     started = time.perf_counter()
+    cache.track_peak = True
     with ExitStack() as stack:
         stack.enter_context(job.attached(adapter.attention_modules()))
         stack.enter_context(_appended_rows_dropped(adapter, cache, sliding, job.plan.n_appended))
@@ -87,6 +88,7 @@ def compressed_prefill(
             stack.enter_context(_position_wise_in_row_chunks(adapter, chunk_size))
         last_prompt_row = job.plan.prompt_length - 1
         logits = forward(model, cache, ids, positions, logits_row=last_prompt_row, attention_mask=forward_mask)
+    cache.track_peak = False
     job.report.seconds = sum(layer.seconds for layer in job.report.layers.values())
     job.report.prefill_seconds = time.perf_counter() - started - job.report.seconds
     job.report.cache_bytes_before = sum(job.full_layer_bytes.values()) + sum(
@@ -135,10 +137,12 @@ def prefill_many(
     ]
 
     started = time.perf_counter()
+    shared.track_peak = True
     with ExitStack() as stack:
         for job in jobs:
             stack.enter_context(job.attached(adapter.attention_modules()))
         logits = forward(model, shared, input_ids, _prompt_and_window(input_ids, None)[1])
+    shared.track_peak = False
     prompt_seconds = time.perf_counter() - started - sum(
         layer.seconds for job in jobs for layer in job.report.layers.values()
     )
@@ -212,10 +216,9 @@ def _appended_rows_dropped(adapter: ModelAdapter, cache: CompressedCache, layers
         record_sliding_past(cache.layers[i])
 
     def drop(module, args, output) -> None:
-        if module.layer_idx in layers:
-            cache.drop_trailing_rows(module.layer_idx, rows)
+        cache.drop_trailing_rows(module.layer_idx, rows)
 
-    handles = [m.register_forward_hook(drop) for m in adapter.attention_modules()]
+    handles = [m.register_forward_hook(drop) for m in adapter.attention_modules() if m.layer_idx in layers]
     try:
         yield
     finally:

@@ -21,6 +21,7 @@ from transformers.cache_utils import DynamicLayer
 from kvpress_like.attention import compressed_attention
 from kvpress_like.cache import CompressedCache
 from kvpress_like.compat import model_inputs
+from kvpress_like.decoding import GenerationOptions, decode_batch
 from kvpress_like.errors import ConfigError
 from kvpress_like.prefill import shallow_copy
 from kvpress_like.prompting import build_prompt
@@ -109,39 +110,20 @@ def select_rows(model, cache: CompressedCache, rows: list[int]) -> CompressedCac
 # ------------------------------------------------------------------------------------------------
 
 
-def _step(model, cache, ids: torch.Tensor, start: int, keep_all: bool) -> torch.Tensor:
-    batch, length = ids.shape
-    positions = torch.arange(start, start + length, device=model.device).expand(batch, length)
-    out = model(**model_inputs(model, cache, input_ids=ids.to(model.device), position_ids=positions,
-                               logits_to_keep=0 if keep_all else 1))
-    return out.logits
-
-
 @torch.no_grad()
 def logits_along(model, cache, ids: torch.Tensor, start: int) -> torch.Tensor:
     """Feed ``ids`` ``[batch, t]`` at positions ``start…`` into ``cache``; logits of every row ``[batch, t, V]``.
 
     Compressed caches run under :mod:`kvpress_like.attention` (each layer masked by its own rows).
     """
+    batch, length = ids.shape
+    positions = torch.arange(start, start + length, device=model.device).expand(batch, length)
     with compressed_attention(model, cache):
-        return _step(model, cache, ids, start, keep_all=True)
+        return model(**model_inputs(model, cache, input_ids=ids.to(model.device), position_ids=positions,
+                                    logits_to_keep=0)).logits
 
 
 @torch.no_grad()
 def greedy(model, cache, first_logits: torch.Tensor, start: int, max_new_tokens: int, eos: set[int]) -> list[list[int]]:
     """Greedy answers of a batch ``[batch, V]``: each row stops at its first EOS or after ``max_new_tokens``."""
-    batch = first_logits.shape[0]
-    answers: list[list[int]] = [[] for _ in range(batch)]
-    done = [False] * batch
-    logits = first_logits
-    with compressed_attention(model, cache):
-        for step in range(max_new_tokens):
-            tokens = logits.argmax(-1)
-            for row in range(batch):
-                if not done[row]:
-                    answers[row].append(int(tokens[row]))
-                    done[row] = answers[row][-1] in eos
-            if all(done) or step == max_new_tokens - 1:
-                break
-            logits = _step(model, cache, tokens[:, None], start + step, keep_all=False)[:, -1]
-    return answers
+    return decode_batch(model, cache, first_logits, max_new_tokens, GenerationOptions(), eos, start_position=start)
