@@ -161,3 +161,24 @@ def test_pipeline_generate_answers_a_batch_of_contexts_as_each_alone(word_tokeni
     pairs = zip(contexts, questions, strict=True)
     alone = [pipeline.generate(model, word_tokenizer, c, q, **options) for c, q in pairs]
     assert batch == alone
+
+
+@pytest.mark.parametrize(
+    ("contexts", "questions", "message"),
+    [
+        ("one context", ["q1", "q2"], "a list of questions needs a list of contexts"),
+        ([], None, "the list of contexts is empty"),
+        (["a", "b"], ["q1", "q2", "q3"], "2 contexts but 3 questions"),
+        (["a", "b"], ["q1", None], "for every context, or for none"),
+    ],
+)
+def test_pipeline_generate_names_what_is_wrong_with_a_batch(word_tokenizer, contexts, questions, message):
+    with pytest.raises(UnsupportedInputError, match=message):
+        build("dapq", budget=8).generate(_model("llama", "sdpa"), word_tokenizer, contexts, questions)
+
+
+def test_a_padded_continuation_must_be_padded_on_the_left():
+    model = _model("llama", "sdpa")
+    cache = build("snapkv", budget=50).prefill(model, random_ids(100)).cache
+    with pytest.raises(UnsupportedInputError, match="pad on the left"):
+        feed(model, cache, random_ids(3), attention_mask=torch.tensor([[1, 1, 0]]))

@@ -245,3 +245,11 @@ def test_prefill_many_refuses_a_padded_batch_instead_of_ignoring_the_padding():
     mask[0, :5] = 0
     with pytest.raises(UnsupportedInputError, match="does not take padded batches"):
         prefill_many(tiny_model("llama"), ids, [build("dapq", budget=4), build("snapkv", budget=8)], mask)
+
+
+def test_sliding_layers_without_past_recording_are_refused_with_the_fix():
+    """transformers releases before 5.24 cannot keep a sliding layer's rows past its window for one forward."""
+    from kvpress_like.compat import record_sliding_past
+
+    with pytest.raises(UnsupportedModelError, match="upgrade transformers"):
+        record_sliding_past(object())

@@ -205,3 +205,13 @@ def test_row_chunked_modules_are_put_back_also_when_the_prefill_raises():
     with pytest.raises(ConfigError):
         build("dapq", budget=4, selector={"sinks": 3, "recent": 3}).prefill(model, random_ids(40), chunk_size=8)
     assert [layer.mlp for layer in model.model.layers] == mlps
+
+
+def test_prefill_many_gives_a_hidden_state_scorer_the_prompt_rows_even_when_its_window_comes_later():
+    """Expected Attention reads the prompt's attention inputs; with an appended window in ``prefill_many`` its
+    layers are scored in the second forward, so the prompt rows are kept from the first (``reads_hidden_states``)."""
+    model = _model("llama")
+    ids = random_ids(120, seed=4)
+    pipeline = build("expected_attention", budget=30, window="pseudo")
+    shared, _ = prefill_many(model, ids, [pipeline, build("snapkv", budget=40)])
+    assert_same_compression(shared, build("expected_attention", budget=30, window="pseudo").prefill(model, ids))
