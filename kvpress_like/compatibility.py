@@ -32,7 +32,7 @@ def run_cell(method: str, model, input_ids: torch.Tensor) -> tuple[str, dict[int
     continuation = torch.randint(0, model.config.vocab_size, (input_ids.shape[0], 3), generator=generator)
     try:
         result = pipeline.prefill(model, input_ids)
-        logits = feed(model, result.cache, continuation, input_ids.shape[1])
+        logits = feed(model, result.cache, continuation)
     except KVPressLikeError as error:
         return f"refused: {type(error).__name__}", None
     if not torch.isfinite(logits).all():

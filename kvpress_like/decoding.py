@@ -51,21 +51,6 @@ def next_token(logits: torch.Tensor, options: GenerationOptions, generator: torc
 
 
 @torch.no_grad()
-def decode(
-    model,
-    cache,
-    first_logits: torch.Tensor,
-    start_position: int,
-    max_new_tokens: int,
-    options: GenerationOptions,
-    eos_token_ids: set[int],
-) -> list[int]:
-    """Generate up to ``max_new_tokens`` ids for one sequence; the first comes from ``first_logits``."""
-    (tokens,) = decode_batch(model, cache, first_logits, max_new_tokens, options, eos_token_ids, start_position)
-    return tokens
-
-
-@torch.no_grad()
 def decode_batch(
     model,
     cache,
@@ -73,18 +58,17 @@ def decode_batch(
     max_new_tokens: int,
     options: GenerationOptions,
     eos_token_ids: set[int],
-    start_position: int | None = None,
 ) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` ids per sequence of ``first_logits`` ``[batch, vocab]``.
 
     Each sequence stops at its own end-of-sequence token (when ``options.stop_at_eos``); positions continue
-    per sequence (see :func:`kvpress_like.prefill.feed`).
+    per sequence from what the cache has seen (see :func:`kvpress_like.prefill.feed`).
     """
     generator = torch.Generator().manual_seed(options.seed) if options.seed is not None else None
     batch = first_logits.shape[0]
     answers: list[list[int]] = [[] for _ in range(batch)]
     done = [False] * batch
-    logits, position = first_logits, start_position
+    logits = first_logits
     for step in range(max_new_tokens):
         token = next_token(logits, options, generator)
         for row in range(batch):
@@ -93,6 +77,5 @@ def decode_batch(
                 done[row] = options.stop_at_eos and answers[row][-1] in eos_token_ids
         if all(done) or step == max_new_tokens - 1:
             break
-        logits = feed(model, cache, token[:, None].to(model.device), position)
-        position = None if position is None else position + 1
+        logits = feed(model, cache, token[:, None].to(model.device))
     return answers

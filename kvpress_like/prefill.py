@@ -388,14 +388,13 @@ def forward(
 
 
 def feed(
-    model, cache: CompressedCache, input_ids: torch.Tensor, start_position: int | None = None,
-    attention_mask: torch.Tensor | None = None,
+    model, cache: CompressedCache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Append ``input_ids`` ``[batch, n]`` to a cache; return the last row's logits ``[batch, vocab]``.
 
-    Positions continue each sequence from its own number of real tokens (``start_position, …`` when
-    given, for a cache without padding). ``attention_mask`` ``[batch, n]`` marks left padding of the new
-    rows (sequences of a batch whose continuations differ in length); the cache remembers it.
+    Positions continue each sequence from the tokens the cache has seen (its logical length, or its own
+    number of real tokens in a padded batch). ``attention_mask`` ``[batch, n]`` marks left padding of the
+    new rows (sequences of a batch whose continuations differ in length); the cache remembers it.
     """
     batch, length = input_ids.shape
     new = torch.ones(batch, length, dtype=torch.bool, device=model.device)
@@ -404,7 +403,7 @@ def feed(
         new = attention_mask.to(model.device).bool()
     seen = cache.token_mask
     if seen is None and (attention_mask is None or bool(new.all())):
-        first = cache.get_seq_length() if start_position is None else start_position
+        first = cache.get_seq_length()
         positions = torch.arange(first, first + length, device=model.device).expand(batch, length)
         mask = None
     else:

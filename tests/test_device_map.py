@@ -10,7 +10,7 @@ import torch
 from conftest import random_ids, tiny_model
 
 from kvpress_like import build
-from kvpress_like.decoding import decode, parse_generation_options
+from kvpress_like.decoding import decode_batch, parse_generation_options
 
 accelerate = pytest.importorskip("accelerate")
 
@@ -44,8 +44,8 @@ def dispatched(whole, tmp_path_factory):
 def compress_and_decode(model, method: str, ids: torch.Tensor):
     pipeline = build(method, budget=BUDGET)
     result = pipeline.prefill(model, ids)
-    tokens = decode(model, result.cache, result.next_token_logits, ids.shape[1], NEW_TOKENS,
-                    parse_generation_options({}), set())
+    (tokens,) = decode_batch(model, result.cache, result.next_token_logits, NEW_TOKENS,
+                             parse_generation_options({}), set())
     return result.report.kept_indices, tokens
 
 

@@ -45,7 +45,7 @@ def test_ragged_decoding_equals_per_head_masked_reference(method, arch):
     counts = result.report.layers[0].kept_counts
     assert int(counts.sum()) == 4 * 40 and len(set(counts.flatten().tolist())) > 1, "the heads should differ here"
     assert isinstance(result.cache.layers[0], RaggedLayer)
-    logits = torch.stack([feed(model, result.cache, extra[:, i : i + 1], 90 + i)[0] for i in range(6)])
+    logits = torch.stack([feed(model, result.cache, extra[:, i : i + 1])[0] for i in range(6)])
     masks = {i: r.kept_mask(90) for i, r in result.report.layers.items()}
     reference = masked_reference_logits(model, ids, extra, masks)[0]
     torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
@@ -66,9 +66,9 @@ def test_multi_token_continuation_matches_token_by_token():
     extra = torch.randint(0, 256, (1, 5))
     at_once = build("ada_dapq", budget=30).prefill(model, ids)
     one_by_one = build("ada_dapq", budget=30).prefill(model, ids)
-    logits_at_once = feed(model, at_once.cache, extra, 70)
+    logits_at_once = feed(model, at_once.cache, extra)
     for i in range(5):
-        logits_single = feed(model, one_by_one.cache, extra[:, i : i + 1], 70 + i)
+        logits_single = feed(model, one_by_one.cache, extra[:, i : i + 1])
     torch.testing.assert_close(logits_at_once, logits_single, atol=1e-4, rtol=1e-4)
 
 
@@ -89,7 +89,7 @@ def test_shallow_copy_of_a_ragged_cache_is_independent():
     ids = torch.randint(0, 256, (1, 90), generator=torch.Generator().manual_seed(1))
     cache = build("ada_dapq", budget=40).prefill(model, ids).cache
     before = [[part.clone() for part in row] for row in cache.layers[0].key_parts]
-    feed(model, shallow_copy(cache), torch.randint(0, 256, (1, 3)), 90)
+    feed(model, shallow_copy(cache), torch.randint(0, 256, (1, 3)))
     after = [part for row in cache.layers[0].key_parts for part in row]
     assert all(torch.equal(a, b) for a, b in zip([p for row in before for p in row], after, strict=True))
 

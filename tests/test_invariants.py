@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvpress_like import Budget, UnsupportedInputError, build, hookimpl, register_plugin, unregister_plugin
-from kvpress_like.decoding import GenerationOptions, decode
+from kvpress_like.decoding import GenerationOptions, decode_batch
 from kvpress_like.parts import PartConfig, Scorer
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
@@ -204,7 +204,7 @@ def test_budget_at_least_prompt_length_generates_like_no_compression(data, spec,
 
     # 3) the library's own decode loop (explicit positions L, L+1, ...)
     result = pipeline.prefill(model, ids, question_span=span)
-    tokens = decode(model, result.cache, result.next_token_logits, length, new_tokens, GenerationOptions(), set())
+    (tokens,) = decode_batch(model, result.cache, result.next_token_logits, new_tokens, GenerationOptions(), set())
     assert tokens == expected
 
 

@@ -221,7 +221,7 @@ def test_kvzip_cache_holds_exactly_the_kept_entries():
     assert result.report.cache_bytes_after == sum(int(c.sum()) for c in counts) * entry_bytes
     for layer in result.report.layers.values():  # the 4 sinks are kept by every head
         assert bool(layer.kept_mask(90)[..., :4].all())
-    logits = feed(model, result.cache, torch.randint(0, 256, (1, 5)), 90)
+    logits = feed(model, result.cache, torch.randint(0, 256, (1, 5)))
     assert torch.isfinite(logits).all()
 
 

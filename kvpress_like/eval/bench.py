@@ -61,10 +61,10 @@ def plain_prefill(model, ids: torch.Tensor):
     return cache, logits
 
 
-def _decode_seconds(model, cache, logits, start: int, tokens: int) -> float | None:
+def _decode_seconds(model, cache, logits, tokens: int) -> float | None:
     if not tokens:
         return None
-    seconds, _ = _timed(lambda: greedy(model, shallow_copy(cache), logits, start, tokens, eos=set()))
+    seconds, _ = _timed(lambda: greedy(model, shallow_copy(cache), logits, tokens, eos=set()))
     return seconds / tokens
 
 
@@ -113,14 +113,14 @@ def run_bench(
         for _ in range(repeats):  # interleaved: plain, method 1, …, method k, then again
             seconds, (cache, logits) = _timed(lambda ids=ids: plain_prefill(model, ids))
             plain_times.append(seconds)
-            full_decode.append(_decode_seconds(model, cache, logits, length, decode_tokens))
+            full_decode.append(_decode_seconds(model, cache, logits, decode_tokens))
             full_bytes = cache.nbytes()
             del cache
             for label, pipeline in methods:
                 seconds, result = _timed(lambda p=pipeline, ids=ids: p.prefill(model, ids, chunk_size=chunk_size))
                 method_times[label].append(seconds)
                 method_decode[label].append(
-                    _decode_seconds(model, result.cache, result.next_token_logits, length, decode_tokens)
+                    _decode_seconds(model, result.cache, result.next_token_logits, decode_tokens)
                 )
                 results[label] = result.report
                 del result

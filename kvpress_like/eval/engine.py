@@ -187,7 +187,7 @@ def _answer(model, tokenizer, sample, prompt, ref, pairs, candidates, errors, wi
         logits0 = logits_along(model, ref_cache, rest, compressed)[:, -1] if rest.shape[1] else ref.next_token_logits
         if capture:
             capture.enabled = False
-        (answer,) = greedy(model, shallow_copy(ref_cache), logits0, total, max_new, eos)
+        (answer,) = greedy(model, shallow_copy(ref_cache), logits0, max_new, eos)
         if capture:
             capture.enabled = True
         replay = logits_along(model, shallow_copy(ref_cache), torch.tensor([answer], device=model.device), total)
@@ -302,7 +302,7 @@ def _run_group(model, tokenizer, sample, group, rest, compressed, total, answer,
     diverged = [i for i, a in enumerate(answers) if a is None]
     if diverged:
         decoded = greedy(model, select_rows(model, cache, diverged) if size > 1 else shallow_copy(cache),
-                         first[diverged], total, max_new, eos)
+                         first[diverged], max_new, eos)
         for i, tokens in zip(diverged, decoded, strict=True):
             answers[i] = tokens
     for i, (candidate, _) in enumerate(group):

@@ -90,7 +90,7 @@ def probe_sample(model, tokenizer, settings: ProbeSettings, index: int) -> dict[
     in_prompt = QueryCapture(model, keep_queries=True, rows=keep)
     with in_prompt:
         logits = forward(model, cache, ids, torch.arange(length, device=model.device))
-    (answer,) = greedy(model, shallow_copy(cache), logits, length, n, eos=set())
+    (answer,) = greedy(model, shallow_copy(cache), logits, n, eos=set())
     answer_ids = torch.tensor([answer], device=model.device)
     true = QueryCapture(model, prefix=length, keep_queries=True, pre_rope=True)
     _run(model, shallow_copy(cache), answer_ids, length, true)

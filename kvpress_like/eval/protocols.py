@@ -124,6 +124,6 @@ def logits_along(model, cache, ids: torch.Tensor, start: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def greedy(model, cache, first_logits: torch.Tensor, start: int, max_new_tokens: int, eos: set[int]) -> list[list[int]]:
+def greedy(model, cache, first_logits: torch.Tensor, max_new_tokens: int, eos: set[int]) -> list[list[int]]:
     """Greedy answers of a batch ``[batch, V]``: each row stops at its first EOS or after ``max_new_tokens``."""
-    return decode_batch(model, cache, first_logits, max_new_tokens, GenerationOptions(), eos, start_position=start)
+    return decode_batch(model, cache, first_logits, max_new_tokens, GenerationOptions(), eos)
