@@ -94,6 +94,7 @@ def compare(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any
     same: set[str] = set()
     differ: set[str] = set()
     examples = []
+    compared = 0
     for recorded, again in pairs:
         for asked, got in zip(_questions(recorded), _questions(again), strict=True):
             if {k: asked["reference"].get(k) for k in ("answer", "correct")} != {
@@ -107,6 +108,7 @@ def compare(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any
                 new = rows.get((row["label"], str(row["budget"])))
                 if new is None:
                     continue
+                compared += 1
                 fields = [k for k in COMPARED if row.get(k) != new.get(k)]
                 (differ if fields else same).add(row["label"])
                 if fields and len(examples) < 8:
@@ -114,6 +116,7 @@ def compare(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any
                                      **{f"{k}": [row.get(k), new.get(k)] for k in fields}})
     return {
         "cells": sorted({recorded["cell"] for recorded, _ in pairs}),
+        "rows_compared": compared,
         "reproduced": sorted(same - differ),
         "differ": sorted(differ),
         "examples": examples,
