@@ -5,8 +5,8 @@
 Records written before ``cells.jsonl`` carried each row's pipeline configuration (see
 :func:`kvpress_like.eval.runner.run_unit`) name only a label and a budget. This command resolves every row's
 (label, budget) from the folder's own ``grid.json`` with the current code, then checks that the current code
-still computes those rows: it re-runs the records of a few cells (by default the cheapest recorded cell; every
-record of it, with the (label, budget) pairs that record held, so each run's batch is rebuilt as it was) and
+still computes those rows: it re-runs the records of a few cells (by default, per protocol, the cheapest recorded
+cell; every record of it, with the (label, budget) pairs that record held, so each run's batch is rebuilt as it was) and
 compares, row by row, the answer, its correctness and the kept budget tokens, and the full-cache reference.
 
 With ``--write`` every record without provenance gets one that says what happened, e.g.::
@@ -54,12 +54,16 @@ def load_folder(folder: Path) -> tuple[GridConfig, list[dict[str, Any]]]:
     return grid, read_cells(folder / CELLS_FILE)
 
 
-def cheapest_cell(records: list[dict[str, Any]]) -> str:
-    """The cell whose records took the least time in all (every record of a cell is re-run)."""
-    seconds: dict[str, float] = {}
+def cheapest_cells(records: list[dict[str, Any]]) -> list[str]:
+    """Per protocol, the cell whose records took the least time in all (every record of a cell is re-run)."""
+    seconds: dict[tuple[str, str], float] = {}
     for record in records:
-        seconds[record["cell"]] = seconds.get(record["cell"], 0.0) + record["seconds"]
-    return min(seconds, key=seconds.__getitem__)
+        key = (record["protocol"], record["cell"])
+        seconds[key] = seconds.get(key, 0.0) + record["seconds"]
+    best: dict[str, str] = {}
+    for protocol, cell in sorted(seconds, key=seconds.__getitem__):
+        best.setdefault(protocol, cell)
+    return list(best.values())
 
 
 def rerun(grid: GridConfig, records: list[dict[str, Any]], cells: Iterable[str], model=None, tokenizer=None):
@@ -170,11 +174,11 @@ def first_commit(path: Path) -> str | None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path)
-    parser.add_argument("--cells", nargs="+", help="cell keys to re-run (default: the cheapest recorded cell)")
+    parser.add_argument("--cells", nargs="+", help="cell keys to re-run (default: per protocol, the cheapest cell)")
     parser.add_argument("--write", action="store_true", help="write cells.jsonl and re-render summary.md")
     args = parser.parse_args(argv)
     grid, records = load_folder(args.folder)
-    check = compare(rerun(grid, records, args.cells or [cheapest_cell(records)]))
+    check = compare(rerun(grid, records, args.cells or cheapest_cells(records)))
     print(json.dumps({"folder": str(args.folder), **check}, indent=1))
     if args.write:
         from kvpress_like.eval.rerender import render_folder
