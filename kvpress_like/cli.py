@@ -40,6 +40,12 @@ def _ray_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ray-actors", type=int, help="number of actors (default: as many as the cluster holds)")
 
 
+def _batch_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="samples whose prompts share one left-padded prompt forward (default 1; the records "
+                             "are those of samples run alone)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvpress-like", description="KV-cache compression for transformers.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-attention-metrics", action="store_true", help="skip attention recall / similarity")
     ev.add_argument("--save-samples", help="also write the generated samples to this JSONL file")
     ev.add_argument("--out", default="results/eval", help="output folder (resumable)")
+    _batch_option(ev)
     _ray_options(ev)
 
     ab = commands.add_parser("ablate", help="run (or resume) a YAML grid: methods × windows × budgets × lengths × …")
@@ -82,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--limit", type=int, help="run at most this many cells now (for timing a grid)")
     ab.add_argument("--threads", type=int, default=None)
     ab.add_argument("--no-progress", action="store_true")
+    _batch_option(ab)
     _ray_options(ab)
 
     be = commands.add_parser("bench", help="prefill/compression time ratio, decode ms/token, cache bytes, peak memory")
@@ -161,6 +169,7 @@ def _eval(args, command: str) -> int:
         "protocols": args.protocol or ["question_aware", "query_agnostic"], "budgets": args.budget or ["10%"],
         "methods": methods, "max_new_tokens": args.max_new_tokens, "answer_prefix": not args.no_answer_prefix,
         "attention_metrics": not args.no_attention_metrics, "threads": args.threads,
+        "batch_size": 1 if args.batch_size is None else args.batch_size,
     }
     grid = parse_grid(raw, "eval options")
     if ray:
@@ -203,7 +212,7 @@ def _ablate(args, command: str) -> int:
     from kvpress_like.eval.runner import load_grid
 
     ray = _ray_settings(args)
-    grid = load_grid(args.grid, samples=args.samples, threads=args.threads)
+    grid = load_grid(args.grid, samples=args.samples, threads=args.threads, batch_size=args.batch_size)
     out = args.out or str(Path("results") / grid.name)
     summary = _run_grid(args, ray, grid, out, command, limit=args.limit)
     timing = summary["timing"]

@@ -50,6 +50,7 @@ class LayerCompressor:
     rope_at: Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     keep_hidden_states: bool = False
     scores_memo: dict | None = None
+    sequence: int = 0  # this compressor's row in a left-padded batch (see PaddedBatchCompressor)
     captured: dict[int, list[Inputs]] = field(default_factory=dict)
     prompt_inputs: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     full_layer_bytes: dict[int, int] = field(default_factory=dict)  # bytes each layer held uncompressed
@@ -74,23 +75,45 @@ class LayerCompressor:
         if layer_idx not in self.budgets:
             return
         source = cache_from_hook_kwargs(kwargs)
-        layer = source.layers[layer_idx]
-        forward_rows = kwargs["hidden_states"].shape[1]
-        start = layer.keys.shape[-2] - forward_rows  # first row of this forward in the layer's cache
-        if start + forward_rows < self.rows_needed:  # an early chunk: keep what the final step will need
-            self._capture(layer_idx, kwargs, start)
-            return
+        start = source.layers[layer_idx].keys.shape[-2] - kwargs["hidden_states"].shape[1]  # this forward's first row
         started = time.perf_counter()
         try:
-            kept = self._compress(module, layer_idx, source, kwargs, start)
+            kept = self._step(module, layer_idx, source, kwargs, start)
         except Exception as error:
             error.add_note(f"kvpress_like: {self.pipeline.name!r} failed on layer {layer_idx}; no cache was returned")
             raise
-        self.captured.pop(layer_idx, None)
-        self.prompt_inputs.pop(layer_idx, None)
+        if kept is None:  # an early forward: the layer is compressed by a later one
+            return
         layer_report = LayerReport(layer_idx, kept, self.budgets[layer_idx], time.perf_counter() - started)
         self.report.layers[layer_idx] = layer_report
         get_plugin_manager().hook.layer_compressed(layer_report=layer_report, pipeline=self.pipeline)
+
+    def _step(self, module, layer_idx: int, source: CompressedCache, kwargs, start: int):
+        """This forward's share of a layer's compression: kept indices once the layer is written, else ``None``."""
+        layer = source.layers[layer_idx]
+        selection = self._select_when_complete(module, layer_idx, layer.keys, layer.values, kwargs, start)
+        if selection is None:
+            return None
+        kept, keys, values = selection
+        length = self.plan.prompt_length
+        self.full_layer_bytes[layer_idx] = 2 * layer.keys[:, :, :length].numel() * layer.keys.element_size()
+        target = self.target if self.target is not None else source
+        if isinstance(keys, torch.Tensor):
+            target.replace_layer(layer_idx, keys, values, seen=length)
+        else:
+            target.replace_with_ragged(layer_idx, RaggedLayer(keys, values), seen=length)
+        return kept
+
+    def _select_when_complete(self, module, layer_idx: int, all_keys, all_values, kwargs, start: int):
+        """:meth:`select` once every row it needs has gone through; before that, keep this forward's window rows
+        (``None``)."""
+        if start + kwargs["hidden_states"].shape[1] < self.rows_needed:
+            self._capture(layer_idx, kwargs, start)
+            return None
+        selection = self.select(module, layer_idx, all_keys, all_values, kwargs, start)
+        self.captured.pop(layer_idx, None)
+        self.prompt_inputs.pop(layer_idx, None)
+        return selection
 
     def _capture(self, layer_idx: int, kwargs, start: int) -> None:
         hidden = kwargs["hidden_states"]
@@ -119,18 +142,6 @@ class LayerCompressor:
             return None
         current = kwargs["hidden_states"][:, : max(0, self.plan.prompt_length - start)]
         return torch.cat([*self.prompt_inputs.get(layer_idx, []), current], dim=1)
-
-    def _compress(self, module, layer_idx: int, source: CompressedCache, kwargs, start: int):
-        layer = source.layers[layer_idx]
-        kept, keys, values = self.select(module, layer_idx, layer.keys, layer.values, kwargs, start)
-        target = self.target if self.target is not None else source
-        length = self.plan.prompt_length
-        self.full_layer_bytes[layer_idx] = 2 * layer.keys[:, :, :length].numel() * layer.keys.element_size()
-        if isinstance(keys, torch.Tensor):
-            target.replace_layer(layer_idx, keys, values, seen=length)
-        else:
-            target.replace_with_ragged(layer_idx, RaggedLayer(keys, values), seen=length)
-        return kept
 
     def select(self, module, layer_idx: int, all_keys, all_values, kwargs, start: int):
         """Kept indices and the kept keys and values of one layer, from its rows ``all_keys``/``all_values``
@@ -165,6 +176,7 @@ class LayerCompressor:
             scaling=module.scaling,
             hidden_states=self._prompt_hidden_states(layer_idx, kwargs, start),
             rope_at=lambda positions: self.rope_at(module, positions),
+            sequence=self.sequence,
         )
         scores = self.scorer.score(ctx)
         if self.scores_memo is not None:
@@ -196,38 +208,47 @@ class PaddedBatchCompressor(LayerCompressor):
     Left padding shifts a sequence's rows by its pad count, prompt and appended rows alike, so sequence
     ``b`` sees the layer's rows from ``pads[b]`` on in its own coordinates: its own window (``sequences[b]``,
     planned on its unpadded ids), its own budget (a ratio resolves against its own length), its own
-    protected tokens. Kept counts then differ between sequences, so the layer is stored ragged (exact
+    protected tokens. Each sequence is selected in the forward that completes its window (one forward in
+    a one-pass prefill; the appended rows' forward in :func:`~kvpress_like.prefill_many`); once every
+    sequence is selected the layer is written, stored ragged (kept counts differ between sequences: exact
     bytes); kept indices are reported per sequence in the sequence's own positions.
     """
 
     sequences: list[LayerCompressor] = field(default_factory=list)
     pads: list[int] = field(default_factory=list)
+    selected: dict[int, dict[int, tuple]] = field(default_factory=dict)  # layer -> sequence -> selection
 
-    @property
-    def rows_needed(self) -> int:
-        return 0  # one forward holds every row of every sequence
-
-    def _compress(self, module, layer_idx: int, source: CompressedCache, kwargs, start: int):
+    def _step(self, module, layer_idx: int, source: CompressedCache, kwargs, start: int):
         layer = source.layers[layer_idx]
-        kept, key_parts, value_parts = [], [], []
+        done = self.selected.setdefault(layer_idx, {})
+        cos, sin = kwargs["position_embeddings"]
         for b, (job, pad) in enumerate(zip(self.sequences, self.pads, strict=True)):
-            cos, sin = kwargs["position_embeddings"]
-            view = {**kwargs, "hidden_states": kwargs["hidden_states"][b : b + 1, pad:],
-                    "position_embeddings": (cos[b : b + 1, pad:], sin[b : b + 1, pad:])}
+            if b in done:
+                continue
+            skip = max(0, pad - start)  # rows of this forward that are this sequence's left padding
+            view = {**kwargs, "hidden_states": kwargs["hidden_states"][b : b + 1, skip:],
+                    "position_embeddings": (cos[b : b + 1, skip:], sin[b : b + 1, skip:])}
             try:
-                indices, keys, values = job.select(
-                    module, layer_idx, layer.keys[b : b + 1, :, pad:], layer.values[b : b + 1, :, pad:], view, 0
+                selection = job._select_when_complete(
+                    module, layer_idx, layer.keys[b : b + 1, :, pad:], layer.values[b : b + 1, :, pad:], view,
+                    max(0, start - pad),
                 )
             except Exception as error:
                 error.add_note(f"kvpress_like: in sequence {b} of the batch ({job.plan.prompt_length} tokens)")
                 raise
-            kept.append(list(indices[0]))
-            key_parts.append(list(keys[0]))
-            value_parts.append(list(values[0]))
+            if selection is not None:
+                done[b] = selection
+        if len(done) < len(self.sequences):
+            return None
+        del self.selected[layer_idx]
+        kept, keys, values = zip(*(done[b] for b in range(len(self.sequences))), strict=True)
         length = self.plan.prompt_length
         self.full_layer_bytes[layer_idx] = 2 * layer.keys[:, :, :length].numel() * layer.keys.element_size()
-        source.replace_with_ragged(layer_idx, RaggedLayer(key_parts, value_parts), seen=length)
-        return kept
+        target = self.target if self.target is not None else source
+        target.replace_with_ragged(
+            layer_idx, RaggedLayer([list(k[0]) for k in keys], [list(v[0]) for v in values]), seen=length
+        )
+        return [list(k[0]) for k in kept]
 
 
 def _check_kept(kept: torch.Tensor, score_shape: torch.Size, budget: int, selector: str) -> None:

@@ -80,6 +80,8 @@ class LayerContext:
     ``reads_hidden_states``); ``rope_at(positions)`` gives the layer's ``(cos, sin)`` ``[1, n, rot_dim]``
     at any positions (for scorers that look ahead, e.g. Expected Attention). There is no budget here:
     how many tokens stay is the allocator's and the selector's business, so scores serve every budget.
+    A left-padded batch is scored one sequence at a time (a batch of one, in its own positions);
+    ``sequence`` is that sequence's row in the batch (0 otherwise).
     """
 
     layer_idx: int
@@ -92,6 +94,7 @@ class LayerContext:
     scaling: float
     hidden_states: torch.Tensor | None
     rope_at: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    sequence: int = 0
 
     @property
     def num_kv_groups(self) -> int:

@@ -120,28 +120,33 @@ def prefill_many(
     if len(pipelines) == 1:
         return [compressed_prefill(model, input_ids, pipelines[0], attention_mask, question_span)]
     check_inputs(input_ids, attention_mask)
-    if _is_padded(attention_mask):
-        raise UnsupportedInputError(
-            "prefill_many shares one prompt forward between pipelines and does not take padded batches: "
-            "prefill a padded batch with each Pipeline.prefill, or the sequences one at a time"
-        )
     adapter = get_adapter(model)
     input_ids = input_ids.to(model.device)
+    mask = attention_mask.to(model.device).bool() if _is_padded(attention_mask) else None
     shared = CompressedCache(model.config)
-    memos: dict[tuple[str, str], dict] = {}
+    shared.token_mask = mask
+    memos: dict[tuple, dict] = {}
     keys = [(_part_key(p.window), _part_key(p.scorer)) for p in pipelines]
-    jobs = [
-        _make_compressor(p, model, adapter, input_ids, question_span, shared, target=CompressedCache(model.config),
-                         scores_memo=memos.setdefault(key, {}))
-        for p, key in zip(pipelines, keys, strict=True)
-    ]
+    if mask is None:
+        jobs = [
+            _make_compressor(p, model, adapter, input_ids, question_span, shared,
+                             target=CompressedCache(model.config), scores_memo=memos.setdefault(key, {}))
+            for p, key in zip(pipelines, keys, strict=True)
+        ]
+    else:
+        jobs = [
+            _padded_batch_compressor(p, model, adapter, input_ids, mask, question_span, shared,
+                                     target=CompressedCache(model.config),
+                                     memos=[memos.setdefault((key, b), {}) for b in range(input_ids.shape[0])])
+            for p, key in zip(pipelines, keys, strict=True)
+        ]
 
     started = time.perf_counter()
     shared.track_peak = True
     with ExitStack() as stack:
         for job in jobs:
             stack.enter_context(job.attached(adapter.attention_modules()))
-        logits = forward(model, shared, input_ids, _prompt_and_window(input_ids, None)[1])
+        logits = forward(model, shared, input_ids, _prompt_and_window(input_ids, None, mask)[1], attention_mask=mask)
     shared.track_peak = False
     prompt_seconds = time.perf_counter() - started - sum(
         layer.seconds for job in jobs for layer in job.report.layers.values()
@@ -157,7 +162,8 @@ def prefill_many(
         with ExitStack() as stack:
             for job in group:
                 stack.enter_context(job.attached(adapter.attention_modules()))
-            forward(model, shallow_copy(shared), group[0].plan.appended_ids, group[0].plan.appended_positions)
+            forward(model, shallow_copy(shared), group[0].plan.appended_ids, group[0].plan.appended_positions,
+                    attention_mask=None if mask is None else torch.cat([mask, _appended_valid(group[0])], dim=1))
         for job in group:  # what each would cost alone: the shared forward and the scoring
             job.report.seconds = time.perf_counter() - started
     for job in jobs:
@@ -168,7 +174,8 @@ def prefill_many(
         job.report.cache_bytes_after = job.target.nbytes()
         job.report.cache_bytes_before = shared.nbytes()
         job.report.shared_full_cache = True
-        _hand_over(model, job.target)
+        job.target.token_mask = mask
+        _hand_over(model, job.target, padded=mask is not None)
     held = shared.peak_nbytes + sum(job.target.nbytes() for job in jobs)
     for job in jobs:
         job.report.peak_cache_bytes = held
@@ -263,20 +270,25 @@ def _is_padded(attention_mask: torch.Tensor | None) -> bool:
 
 
 def _padded_forward_inputs(pipeline, model, adapter, input_ids, mask, question_span, cache) -> tuple:
-    """The compressor of a left-padded batch and its forward's ids, positions and 2-D mask.
-
-    Appended rows that a sequence does not use (its window appends fewer) are padding at the end.
-    """
-    job = _padded_batch_compressor(pipeline, model, adapter, input_ids, mask, question_span, cache)
+    """The compressor of a left-padded batch and its forward's ids, positions and 2-D mask."""
+    job = _padded_batch_compressor(pipeline, model, adapter, input_ids, mask, question_span, cache, target=None)
     ids, positions = _prompt_and_window(input_ids, job.plan, mask)
-    rows = torch.arange(job.plan.n_appended, device=mask.device)
-    appended = torch.stack([rows < sequence.plan.n_appended for sequence in job.sequences])
     cache.token_mask = mask
-    return job, ids, positions, torch.cat([mask, appended], dim=1)
+    return job, ids, positions, torch.cat([mask, _appended_valid(job)], dim=1)
 
 
-def _padded_batch_compressor(pipeline, model, adapter, input_ids, mask, question_span, cache) -> PaddedBatchCompressor:
-    """One compressor per sequence, planned on its unpadded ids, behind one hook."""
+def _appended_valid(job: PaddedBatchCompressor) -> torch.Tensor:
+    """``[batch, n_appended]``: which appended rows each sequence uses (a window appending fewer rows than
+    another sequence's leaves padding at the end)."""
+    rows = torch.arange(job.plan.n_appended, device=job.plan.window_rows.device)
+    return torch.stack([rows < sequence.plan.n_appended for sequence in job.sequences])
+
+
+def _padded_batch_compressor(
+    pipeline, model, adapter, input_ids, mask, question_span, cache, target, memos=None
+) -> PaddedBatchCompressor:
+    """One compressor per sequence, planned on its unpadded ids, behind one hook; ``memos``: one score memo
+    per sequence (pipelines sharing a window and scorer)."""
     batch, length = input_ids.shape
     spans = [None] * batch if question_span is None else list(question_span)
     if len(spans) != batch or not all(span is None or isinstance(span, tuple) for span in spans):
@@ -285,8 +297,10 @@ def _padded_batch_compressor(pipeline, model, adapter, input_ids, mask, question
             "or None, each in its own sequence's positions (without the padding)"
         )
     pads = (length - mask.sum(dim=1)).tolist()
+    memos = memos or [None] * batch
     sequences = [
-        _make_compressor(pipeline, model, adapter, input_ids[b : b + 1, pad:], spans[b], cache, target=None)
+        _make_compressor(pipeline, model, adapter, input_ids[b : b + 1, pad:], spans[b], cache, target=None,
+                         scores_memo=memos[b], sequence=b)
         for b, pad in enumerate(pads)
     ]
     appended = max(job.plan.n_appended for job in sequences)
@@ -300,7 +314,7 @@ def _padded_batch_compressor(pipeline, model, adapter, input_ids, mask, question
         sequence_lengths=[length - pad for pad in pads],
     )
     return PaddedBatchCompressor(
-        plan=plan, target=None, scorer=pipeline.scorer, selector=pipeline.selector, allocator=pipeline.allocator,
+        plan=plan, target=target, scorer=pipeline.scorer, selector=pipeline.selector, allocator=pipeline.allocator,
         budgets={i: [job.budgets[i] for job in sequences] for i in sequences[0].budgets},
         report=report, pipeline=pipeline, rope_at=adapter.rope_at, sequences=sequences, pads=pads,
     )
@@ -326,7 +340,9 @@ def _appended_rows_padded(plans: list[WindowPlan], rows: int) -> tuple[torch.Ten
     return ids, positions
 
 
-def _make_compressor(pipeline, model, adapter: ModelAdapter, input_ids, question_span, cache, target, scores_memo=None):
+def _make_compressor(
+    pipeline, model, adapter: ModelAdapter, input_ids, question_span, cache, target, scores_memo=None, sequence=0
+):
     plan = pipeline.window.plan(input_ids, question_span)
     budget = pipeline.budget.resolve(plan.prompt_length)
     compressible = adapter.compressible_layers()
@@ -354,6 +370,7 @@ def _make_compressor(pipeline, model, adapter: ModelAdapter, input_ids, question
         rope_at=adapter.rope_at,
         keep_hidden_states=getattr(pipeline.scorer, "reads_hidden_states", False),
         scores_memo=scores_memo,
+        sequence=sequence,
     )
 
 

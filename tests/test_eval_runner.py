@@ -11,7 +11,7 @@ import kvpress_like
 from kvpress_like import build
 from kvpress_like.errors import ConfigError
 from kvpress_like.eval import runner
-from kvpress_like.eval.engine import Candidate, evaluate_sample
+from kvpress_like.eval.engine import Candidate, evaluate_batch, evaluate_sample
 from kvpress_like.eval.protocols import prepare
 from kvpress_like.eval.runner import parse_grid, read_cells, run_grid
 from kvpress_like.eval.tasks import TASKS
@@ -99,6 +99,49 @@ def test_engine_rows_batched_and_shared_equal_one_by_one(toy, sample, protocol):
     assert "protected tokens" in batched.rows[-1]["error"]
 
 
+def _same_result(got, want) -> None:
+    """Two results of one sample: equal answers, errors and kept sizes; metrics equal up to float noise."""
+    timing = ("prefill_seconds", "timing")
+    assert {k: v for k, v in got.reference.items() if k not in timing} == {
+        k: v for k, v in want.reference.items() if k not in timing
+    }
+    for a, b in zip(got.rows, want.rows, strict=True):
+        assert (a["label"], a["budget"], a["error"]) == (b["label"], b["budget"], b["error"])
+        if a["error"] is None:
+            assert (a["answer"], a["budget_tokens"], a["cache_bytes"]) == (b["answer"], b["budget_tokens"],
+                                                                           b["cache_bytes"])
+            assert a["kl"] == pytest.approx(b["kl"], abs=1e-4)
+            assert a["recall_layers"] == pytest.approx(b["recall_layers"], abs=1e-5)
+            assert a["similarity_layers"] == pytest.approx(b["similarity_layers"], abs=1e-5)
+    assert len(got.followups) == len(want.followups)
+    for a, b in zip(got.followups, want.followups, strict=True):
+        _same_result(a, b)
+
+
+@pytest.mark.parametrize("protocol", ["question_aware", "query_agnostic"])
+def test_a_batch_of_samples_gives_each_sample_its_result_alone(toy, protocol):
+    """Prompts of different lengths share one left-padded prompt forward; each result equals the sample alone."""
+    model, tokenizer = toy
+    samples = [TASKS["passkey"].generate(tokenizer, n, 0.5, seed) for n, seed in ((220, 1), (160, 2), (300, 3))]
+    candidates = _candidates(SPECS[:-1])
+    batch = evaluate_batch(model, tokenizer, samples, protocol, candidates)
+    assert len({r.reference["prompt_tokens"] for r in batch}) == 3
+    for got, sample in zip(batch, samples, strict=True):
+        assert got.reference["timing"]["prefill_batch"] == 3
+        _same_result(got, evaluate_sample(model, tokenizer, sample, protocol, candidates))
+
+
+def test_a_configuration_that_fails_on_one_sample_of_a_batch_fails_there_only(toy):
+    """200 protected tokens fit the longer prompt's 60% budget only: the error lands on the shorter sample."""
+    model, tokenizer = toy
+    samples = [TASKS["passkey"].generate(tokenizer, n, 0.5, 1) for n in (400, 160)]
+    candidates = _candidates([("dapq", "dapq", "20%", {}), ("picky", "dapq", "60%", {"selector": {"recent": 200}})])
+    batch = evaluate_batch(model, tokenizer, samples, "question_aware", candidates)
+    assert batch[0].rows[1]["error"] is None and "protected tokens" in batch[1].rows[1]["error"]
+    for got, sample in zip(batch, samples, strict=True):
+        _same_result(got, evaluate_sample(model, tokenizer, sample, "question_aware", candidates))
+
+
 def _grid(**extra):
     raw = {"name": "t", "model": "toy", "tasks": ["passkey"], "lengths": [160], "samples": 2,
            "protocols": ["question_aware"], "budgets": ["50%"], "methods": ["full", "dapq"], **extra}
@@ -116,13 +159,13 @@ def test_grid_resumes_and_runs_only_missing_pairs(toy, tmp_path, monkeypatch):
     assert methods == {("full", "100%"), ("dapq", "50%")}
 
     calls = []
-    real = runner.evaluate_sample
+    real = runner.evaluate_batch
 
-    def spy(model, tokenizer, sample, protocol, candidates, **kwargs):
-        calls.append([c.label for c in candidates])
-        return real(model, tokenizer, sample, protocol, candidates, **kwargs)
+    def spy(model, tokenizer, samples, protocol, candidates, **kwargs):
+        calls.extend([c.label for c in candidates] for _ in samples)
+        return real(model, tokenizer, samples, protocol, candidates, **kwargs)
 
-    monkeypatch.setattr(runner, "evaluate_sample", spy)
+    monkeypatch.setattr(runner, "evaluate_batch", spy)
     again = run_grid(_grid(), tmp_path, model, tokenizer, progress=False)
     assert calls == [] and again["timing"]["cells_run_now"] == 0  # every cell finished: nothing runs
 
@@ -139,6 +182,35 @@ def test_grid_resumes_and_runs_only_missing_pairs(toy, tmp_path, monkeypatch):
     assert all(r["n"] == 2 for r in final["table"])
 
 
+def _close(a, b, path="record") -> None:
+    """Records equal but for timing, floats up to the noise of a batched forward."""
+    if isinstance(a, dict):
+        keys = set(a) - {"seconds", "timing", "prefill_seconds", "compress_seconds"}
+        assert keys == set(b) - {"seconds", "timing", "prefill_seconds", "compress_seconds"}, path
+        for key in keys:
+            _close(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=1e-3, abs=1e-4), path
+    else:
+        assert a == b, path
+
+
+def test_a_grid_run_in_batches_writes_the_records_of_a_run_one_by_one(toy, tmp_path):
+    model, tokenizer = toy
+    grid = _grid(lengths=[160, 300], samples=3, protocols=["question_aware", "query_agnostic"])
+    run_grid(grid, tmp_path / "one", model, tokenizer, progress=False)
+    run_grid(grid.model_copy(update={"batch_size": 4}), tmp_path / "four", model, tokenizer, progress=False)
+    one, four = ({r["cell"]: r for r in read_cells(tmp_path / name / "cells.jsonl")} for name in ("one", "four"))
+    assert sorted(one) == sorted(four) and len(one) == 12
+    assert {r["reference"]["timing"].get("prefill_batch") for r in four.values()} == {4, 2}  # 6 cells per protocol
+    for cell, record in one.items():
+        _close(four[cell], record, cell)
+
+
 def test_grid_refuses_to_mix_settings_and_names_bad_entries(toy, tmp_path):
     model, tokenizer = toy
     run_grid(_grid(samples=1), tmp_path, model, tokenizer, progress=False)
@@ -148,6 +220,8 @@ def test_grid_refuses_to_mix_settings_and_names_bad_entries(toy, tmp_path):
         parse_grid({"lenghts": [1]})
     with pytest.raises(ConfigError, match="invalid budget"):
         parse_grid({"budgets": ["150%"]})
+    with pytest.raises(ConfigError, match="batch_size: Input should be greater than or equal to 1"):
+        parse_grid({"batch_size": 0})
     with pytest.raises(ConfigError, match="dapq"):  # the unknown method's error names the valid ones
         run_grid(_grid(methods=["nope"]), tmp_path / "other", model, tokenizer, progress=False)
 

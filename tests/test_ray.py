@@ -114,7 +114,7 @@ def test_killed_worker_is_replaced_and_no_record_is_lost_or_doubled(ray_cluster,
     driver.join(60)
     assert not driver.is_alive() and "error" not in outcome, outcome.get("error")
     assert written_at_kill < 12, "the grid ended before the kill: the test proves nothing"
-    assert "running it again on a new worker" in caplog.text
+    assert "running them again on a new worker" in caplog.text
     assert records_by_cell(out) == records_by_cell(local)
     assert outcome["summary"]["timing"]["cells"] == 12
     assert not [n for n in ray_cluster.util.list_named_actors() if n.startswith(ACTOR_PREFIX)]  # all stopped

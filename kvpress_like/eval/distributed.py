@@ -2,12 +2,13 @@
 
 The driver (this process) plans the units exactly as a local run does (:func:`.runner.pending_units`,
 so a run resumes from ``cells.jsonl`` whichever runner wrote it) and needs only the tokenizer. Each
-unit (one sample under one protocol, every missing (method, budget) pair sharing one prefill) becomes
-one call on a pool of actors that each load the model once. The driver appends each record as it
-arrives, so a grid started on a cluster can be resumed locally and rendered the same way.
+batch of units (``batch_size`` samples under one protocol, every missing (method, budget) pair sharing
+one prompt forward) becomes one call on a pool of actors that each load the model once. The driver
+appends each record as it arrives, so a grid started on a cluster can be resumed locally and rendered
+the same way.
 
-Faults: an actor that dies (its process killed, its node lost) fails only the unit it was running;
-that unit goes back to the queue, a fresh actor replaces the dead one, and the unit runs again — at
+Faults: an actor that dies (its process killed, its node lost) fails only the batch it was running;
+that batch goes back to the queue, a fresh actor replaces the dead one, and the batch runs again — at
 most ``max_attempts`` times in all. A record is written only when a call returned it, so none is lost
 or written twice. If the driver itself stops, running the command again resumes from ``cells.jsonl``.
 
@@ -39,7 +40,8 @@ from kvpress_like.eval.runner import (
     open_output,
     parse_settings,
     pending_units,
-    run_unit,
+    run_units,
+    unit_batches,
 )
 
 RAY_MISSING = 'distributed runs need Ray: pip install ".[ray]" (or pip install "kvpress_like[ray]")'
@@ -115,7 +117,7 @@ def load_tokenizer(name: str):
 
 
 class GridWorker:
-    """The body of a Ray actor: loads the grid's model once, then evaluates units one at a time."""
+    """The body of a Ray actor: loads the grid's model once, then evaluates batches of units (``batch_size``)."""
 
     def __init__(self, grid: GridConfig, num_cpus: float, num_gpus: float):
         from kvpress_like.models import load_model
@@ -126,8 +128,8 @@ class GridWorker:
         if num_gpus:
             self.model.to("cuda")  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU(s)
 
-    def run(self, unit: Unit) -> dict[str, Any]:
-        return run_unit(self.model, self.tokenizer, self.grid, unit)
+    def run(self, units: list[Unit]) -> list[dict[str, Any]]:
+        return run_units(self.model, self.tokenizer, self.grid, units)
 
 
 def run_grid_ray(
@@ -154,7 +156,7 @@ def run_grid_ray(
             pool = ActorPool(ray, grid, settings, _actor_count(ray, settings, len(todo)))
             bar = _progress(len(todo), grid.name, progress)
             try:
-                pool.run(todo, cells.append, bar)
+                pool.run(unit_batches(todo, grid.batch_size), cells.append, bar)
             finally:
                 bar.close()
                 pool.close()
@@ -196,7 +198,7 @@ def _actor_count(ray, settings: RaySettings, units: int) -> int:
 
 
 class ActorPool:
-    """``size`` :class:`GridWorker` actors, one unit in flight on each; dead actors are replaced."""
+    """``size`` :class:`GridWorker` actors, one batch of units in flight on each; dead actors are replaced."""
 
     def __init__(self, ray, grid: GridConfig, settings: RaySettings, size: int):
         self._ray, self._settings = ray, settings
@@ -216,39 +218,41 @@ class ActorPool:
             self._grid, self._settings.num_cpus, self._settings.num_gpus
         )
 
-    def run(self, units: list[Unit], on_record: Callable[[dict[str, Any]], None], bar) -> None:
-        """Evaluate every unit, calling ``on_record`` once per unit in the driver as results arrive."""
+    def run(self, batches: list[list[Unit]], on_record: Callable[[dict[str, Any]], None], bar) -> None:
+        """Evaluate every batch of units, calling ``on_record`` once per unit in the driver as results arrive."""
         ray = self._ray
-        queue = deque((unit, 1) for unit in units)
+        queue = deque((batch, 1) for batch in batches)
         idle = list(range(len(self.actors)))
-        running: dict[Any, tuple[int, Unit, int]] = {}
+        running: dict[Any, tuple[int, list[Unit], int]] = {}
         while queue or running:
             while queue and idle:
-                slot, (unit, attempt) = idle.pop(), queue.popleft()
-                running[self.actors[slot].run.remote(unit)] = (slot, unit, attempt)
+                slot, (batch, attempt) = idle.pop(), queue.popleft()
+                running[self.actors[slot].run.remote(batch)] = (slot, batch, attempt)
             (done,), _ = ray.wait(list(running), num_returns=1)
-            slot, unit, attempt = running.pop(done)
+            slot, batch, attempt = running.pop(done)
             try:
-                record = ray.get(done)
+                records = ray.get(done)
             except ray.exceptions.RayActorError as error:
-                self._replace(slot, unit, attempt, error)
-                queue.appendleft((unit, attempt + 1))
+                self._replace(slot, batch, attempt, error)
+                queue.appendleft((batch, attempt + 1))
             else:
-                on_record(record)
-                bar.update(1)
-                bar.set_postfix_str(f"{len(self.actors)} actors, {self.retried} retried, {unit.key}")
+                for record in records:
+                    on_record(record)
+                bar.update(len(records))
+                bar.set_postfix_str(f"{len(self.actors)} actors, {self.retried} retried, {batch[-1].key}")
             idle.append(slot)
 
-    def _replace(self, slot: int, unit: Unit, attempt: int, error: Exception) -> None:
+    def _replace(self, slot: int, batch: list[Unit], attempt: int, error: Exception) -> None:
         if getattr(error, "actor_init_failed", False):
             raise DistributedError(f"a worker could not start (loading model {self._grid.model!r}): {error}")
+        keys = ", ".join(unit.key for unit in batch)
         if attempt >= self._settings.max_attempts:
             raise DistributedError(
-                f"unit {unit.key} lost its worker {attempt} times (out of memory?); the finished units are in "
+                f"units {keys} lost their worker {attempt} times (out of memory?); the finished units are in "
                 f"cells.jsonl, run again to resume: {error}"
             )
-        log.warning("the worker running unit %s died; running it again on a new worker (attempt %d of %d): %s",
-                    unit.key, attempt + 1, self._settings.max_attempts, str(error).splitlines()[0])
+        log.warning("the worker running units %s died; running them again on a new worker (attempt %d of %d): %s",
+                    keys, attempt + 1, self._settings.max_attempts, str(error).splitlines()[0])
         self.retried += 1
         self._ray.kill(self.actors[slot])
         self.actors[slot] = self._spawn()

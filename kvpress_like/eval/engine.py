@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,10 +28,13 @@ from kvpress_like.cache import CompressedCache
 from kvpress_like.errors import ConfigError
 from kvpress_like.eval import metrics
 from kvpress_like.eval.capture import QueryCapture
-from kvpress_like.eval.protocols import greedy, logits_along, prepare, select_rows, signature, stack
-from kvpress_like.pipeline import Pipeline, eos_ids
-from kvpress_like.prefill import prefill_many, shallow_copy
+from kvpress_like.eval.protocols import (
+    check_protocol, greedy, logits_along, prepare, select_rows, signature, stack,
+)
+from kvpress_like.pipeline import Pipeline, eos_ids, left_padded
+from kvpress_like.prefill import PrefillResult, prefill_many, shallow_copy
 from kvpress_like.scorers.attention import window_attention
+from kvpress_like.unbatch import split_batch
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +77,8 @@ MAX_RECORDED_WINDOW = 256  # larger windows (H2O's whole prompt) would cost an L
 class _WindowRecorder:
     """Wraps a candidate's scorer for one sample to record the window's attention (for attention similarity).
 
-    Once per window configuration and layer, the window's mean attention over the prompt
-    (``[kv_heads, group, L]``) is recorded (windows of at most ``MAX_RECORDED_WINDOW`` queries). Scores
+    Once per window configuration, sequence of the batch and layer, the window's mean attention over the
+    prompt (``[kv_heads, group, L]``) is recorded (windows of at most ``MAX_RECORDED_WINDOW`` queries). Scores
     are shared across candidates that differ only in their budget by :func:`prefill_many` itself.
     """
 
@@ -85,10 +89,13 @@ class _WindowRecorder:
         return getattr(self._inner, name)
 
     def score(self, ctx):
-        if 0 < ctx.queries.shape[2] <= MAX_RECORDED_WINDOW:
-            layers = self._windows.setdefault(self._window_key, {})
-            if ctx.layer_idx not in layers:
-                layers[ctx.layer_idx] = window_attention(ctx).mean(dim=3)[0]  # [kv_heads, group, L]
+        rows = range(ctx.queries.shape[0])  # a batch without padding is scored whole, a padded one per sequence
+        if 0 < ctx.queries.shape[2] <= MAX_RECORDED_WINDOW and any(
+            ctx.layer_idx not in self._windows.get((self._window_key, ctx.sequence + row), {}) for row in rows
+        ):
+            attention = window_attention(ctx).mean(dim=3)  # [batch, kv_heads, group, L]
+            for row in rows:
+                self._windows.setdefault((self._window_key, ctx.sequence + row), {})[ctx.layer_idx] = attention[row]
         return self._inner.score(ctx)
 
 
@@ -119,10 +126,24 @@ def _kept_mask(layer_report, prompt_length: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_sample(
+def evaluate_sample(model, tokenizer, sample, protocol: str, candidates: list[Candidate], **options) -> SampleResult:
+    """Run the reference and every candidate on ``sample`` under ``protocol``; one row per candidate.
+
+    A sample with several questions (:meth:`~kvpress_like.eval.tasks.Sample.questions`) gets one result per
+    question, the first returned and the others in its ``followups``. Query-agnostic, the context is
+    compressed once and every question is answered from copies of the same compressed caches (the reuse
+    scenario); question-aware, each question needs its own compression and is evaluated on its own.
+    Options: ``answer_prefix``, ``max_new_tokens``, ``attention_metrics``, ``batch`` (candidates with
+    equal cache shapes decode together).
+    """
+    return evaluate_batch(model, tokenizer, [sample], protocol, candidates, **options)[0]
+
+
+@torch.no_grad()
+def evaluate_batch(
     model,
     tokenizer,
-    sample,
+    samples: list,
     protocol: str,
     candidates: list[Candidate],
     *,
@@ -130,44 +151,94 @@ def evaluate_sample(
     max_new_tokens: int | None = None,
     attention_metrics: bool = True,
     batch: bool = True,
-) -> SampleResult:
-    """Run the reference and every candidate on ``sample`` under ``protocol``; one row per candidate.
+) -> list[SampleResult]:
+    """:func:`evaluate_sample` for several samples whose prompts share one left-padded prompt forward.
 
-    A sample with several questions (:meth:`~kvpress_like.eval.tasks.Sample.questions`) gets one result per
-    question, the first returned and the others in its ``followups``. Query-agnostic, the context is
-    compressed once and every question is answered from copies of the same compressed caches (the reuse
-    scenario); question-aware, each question needs its own compression and is evaluated on its own.
+    Each sequence of the batch is compressed as if alone and split off (:func:`~kvpress_like.unbatch.split_batch`)
+    before it is answered, so every result equals :func:`evaluate_sample` on that sample (timing aside: each
+    result's ``seconds`` counts an equal share of the batch's prefill). If a candidate cannot run on one
+    of the prompts, the samples run one at a time, so that the error lands on that sample only.
     """
-    questions = sample.questions()
     options = dict(answer_prefix=answer_prefix, max_new_tokens=max_new_tokens,
                    attention_metrics=attention_metrics, batch=batch)
-    if protocol == "question_aware" and len(questions) > 1:
-        first, *others = [evaluate_sample(model, tokenizer, q, protocol, candidates, **options) for q in questions]
+    if protocol == "question_aware":  # each question compresses its own prompt
+        contexts = [[question] for sample in samples for question in sample.questions()]
+    else:  # the questions of a sample share its compressed context
+        contexts = [sample.questions() for sample in samples]
+    answered = iter(_evaluate_contexts(model, tokenizer, contexts, protocol, candidates, options))
+    results = []
+    for sample in samples:
+        if protocol == "question_aware":
+            first, *others = [next(answered)[0] for _ in sample.questions()]
+        else:
+            first, *others = next(answered)
         first.followups = others
-        return first
+        results.append(first)
+    return results
+
+
+def _evaluate_contexts(model, tokenizer, contexts, protocol, candidates, options) -> list[list[SampleResult]]:
+    """Per compressed context (a list of questions sharing it): one result per question."""
+    check_protocol(protocol)
     started = time.perf_counter()
-    prompts = [prepare(tokenizer, q, protocol, answer_prefix) for q in questions]
+    prompts = [[prepare(tokenizer, q, protocol, options["answer_prefix"]) for q in questions] for questions in contexts]
+    heads = [_shared_head(model, questions[0], group) for questions, group in zip(contexts, prompts, strict=True)]
+    spans = [group[0].question_span for group in prompts]
+    errors = [{id(c): preflight(model, c.pipeline, head, span) for c in candidates}
+              for head, span in zip(heads, spans, strict=True)]
+    windows: dict[tuple[str, int], dict[int, torch.Tensor]] = {}
+    if len(contexts) > 1:
+        if any(error is not None for found in errors for error in found.values()):
+            return [_evaluate_contexts(model, tokenizer, [c], protocol, candidates, options)[0] for c in contexts]
+        per_context = _prefill_batch(model, heads, candidates, spans, windows if options["attention_metrics"] else None)
+        if per_context is None:  # the shared forward failed: one at a time, so each error lands on its sample
+            return [_evaluate_contexts(model, tokenizer, [c], protocol, candidates, options)[0] for c in contexts]
+        runnable = candidates
+    else:
+        runnable = [c for c in candidates if errors[0][id(c)] is None]
+        per_context = [_prefill(model, heads[0], [reference_pipeline()] + [c.pipeline for c in runnable], spans[0],
+                                windows if options["attention_metrics"] else None, errors[0], runnable)]
+    prefill_share = (time.perf_counter() - started) / len(contexts)
+    out = []
+    for b, (questions, group, results) in enumerate(zip(contexts, prompts, per_context, strict=True)):
+        started = time.perf_counter()
+        pairs = [(c, r) for c, r in zip(runnable, results[1:], strict=True) if r is not None]
+        own_windows = {key: layers for (key, row), layers in windows.items() if row == b}
+        answers = [
+            _answer(model, tokenizer, question, prompt, results[0], pairs, candidates, errors[b], own_windows, options)
+            for question, prompt in zip(questions, group, strict=True)
+        ]
+        for answer in answers:
+            answer.reference["timing"] = {"prefill_all": round(prefill_share, 3), **answer.reference["timing"]}
+            if len(contexts) > 1:
+                answer.reference["timing"]["prefill_batch"] = len(contexts)
+        answers[0].seconds = prefill_share + time.perf_counter() - started
+        out.append(answers)
+    return out
+
+
+def _shared_head(model, sample, prompts) -> torch.Tensor:
+    """The compressed part ``[1, C]`` of a context's prompts, which every question must share."""
     compressed = prompts[0].compress_length
     head = prompts[0].input_ids[:, :compressed].to(model.device)
     if any(not torch.equal(p.input_ids[:, :compressed].to(model.device), head) for p in prompts[1:]):
         raise ConfigError(f"the questions of sample {sample.task!r} do not share the compressed context")
+    return head
 
-    errors = {id(c): preflight(model, c.pipeline, head, prompts[0].question_span) for c in candidates}
-    runnable = [c for c in candidates if errors[id(c)] is None]
-    windows: dict[str, dict[int, torch.Tensor]] = {}
-    results = _prefill(model, head, [reference_pipeline()] + [c.pipeline for c in runnable],
-                       prompts[0].question_span, windows if attention_metrics else None, errors, runnable)
-    prefill_seconds = time.perf_counter() - started
-    pairs = [(c, r) for c, r in zip(runnable, results[1:], strict=True) if r is not None]
-    outs = [
-        _answer(model, tokenizer, question, prompt, results[0], pairs, candidates, errors, windows, options)
-        for question, prompt in zip(questions, prompts, strict=True)
-    ]
-    for out in outs:
-        out.reference["timing"] = {"prefill_all": round(prefill_seconds, 3), **out.reference["timing"]}
-    outs[0].followups = outs[1:]
-    outs[0].seconds = time.perf_counter() - started
-    return outs[0]
+
+def _prefill_batch(model, heads, candidates, spans, windows) -> list[list[PrefillResult]] | None:
+    """One left-padded :func:`prefill_many` of every context (reference first), split per context;
+    ``None`` if the shared forward failed."""
+    pipelines = [reference_pipeline()] + [c.pipeline for c in candidates]
+    ids, mask = left_padded([head[0] for head in heads])
+    try:
+        with _recording(pipelines[1:], windows):
+            batched = prefill_many(model, ids, pipelines, attention_mask=mask, question_span=spans)
+    except Exception as error:  # one bad configuration must not sink the whole batch
+        log.warning("batched prefill failed (%s); running the %d samples one by one", error, len(heads))
+        return None
+    split = [split_batch(model, result) for result in batched]
+    return [[results[b] for results in split] for b in range(len(heads))]
 
 
 def _answer(model, tokenizer, sample, prompt, ref, pairs, candidates, errors, windows, options) -> SampleResult:
@@ -242,11 +313,7 @@ class _null:
 
 def _prefill(model, head, pipelines, span, windows, errors, runnable):
     """``prefill_many`` with window recording; if the shared run fails, each pipeline runs on its own."""
-    wrapped = []
-    for pipeline in pipelines[1:] if windows is not None else []:
-        wrapped.append((pipeline, pipeline.scorer))
-        pipeline.scorer = _WindowRecorder(pipeline.scorer, windows, _window_key(pipeline))
-    try:
+    with _recording(pipelines[1:], windows):
         try:
             return prefill_many(model, head, pipelines, question_span=span)
         except Exception as error:  # one bad configuration must not sink the whole cell
@@ -259,6 +326,17 @@ def _prefill(model, head, pipelines, span, windows, errors, runnable):
                 errors[id(candidate)] = f"{type(error).__name__}: {error}"
                 results.append(None)
         return results
+
+
+@contextmanager
+def _recording(pipelines, windows):
+    """Wrap each pipeline's scorer in a :class:`_WindowRecorder` (``windows`` not ``None``); put them back after."""
+    wrapped = []
+    for pipeline in pipelines if windows is not None else []:
+        wrapped.append((pipeline, pipeline.scorer))
+        pipeline.scorer = _WindowRecorder(pipeline.scorer, windows, _window_key(pipeline))
+    try:
+        yield
     finally:
         for pipeline, scorer in wrapped:
             pipeline.scorer = scorer

@@ -237,8 +237,14 @@ def num(value: float | None, digits: int = 3) -> str:
 
 
 def markdown(grid, table: list[dict[str, Any]], b95: list[dict[str, Any]], timing: dict[str, Any],
-             command: str | None = None, records: list[dict[str, Any]] | None = None) -> str:
-    """The Markdown report: B95 overview; per block accuracy (Wilson 95% CI) and retention; agreement metrics."""
+             command: str | None = None, records: list[dict[str, Any]] | None = None,
+             anchor: str | None = None) -> str:
+    """The Markdown report: where the configuration comes from; B95 overview; per block accuracy (Wilson 95% CI)
+    and retention; agreement metrics; the time per cell.
+
+    Paired wins–losses compare ``anchor`` (default: the grid's first method) with every method in the blocks that
+    show every metric; an ``anchor`` given explicitly gets them in every block.
+    """
     lines = [f"# {grid.name}", ""]
     if command:
         lines += ["```bash", command, "```", ""]
@@ -250,6 +256,7 @@ def markdown(grid, table: list[dict[str, Any]], b95: list[dict[str, Any]], timin
            else "")
         + f"); {timing['cell_seconds_total']} s of cell time ({timing['cell_seconds_mean']} s per cell).",
         "",
+        *provenance_lines(records or []),
         "Accuracy in %, with the Wilson 95% interval in brackets; n = samples per entry. Retention = method "
         "accuracy / full-cache accuracy on the same samples. B95 = smallest budget from which on retention "
         "stays ≥ 95% at every larger budget measured (— = not reached).",
@@ -261,7 +268,8 @@ def markdown(grid, table: list[dict[str, Any]], b95: list[dict[str, Any]], timin
         blocks[(row["task"], row["protocol"], row["length"])].append(row)
     lines += _b95_overview(blocks, b95_of)
     order = [e.name for e in grid.method_entries() if not e.is_full]
-    anchor = order[0] if order else None
+    every_block = anchor is not None
+    anchor = anchor or (order[0] if order else None)
     pairs = paired(records, anchor) if anchor and records else {}
     for (task, protocol, length), rows in blocks.items():
         budgets = sorted({r["budget"] for r in rows if r["method"] != FULL}, key=budget_key)
@@ -303,7 +311,7 @@ def markdown(grid, table: list[dict[str, Any]], b95: list[dict[str, Any]], timin
             for method in methods:
                 entries = [render(cell[(method, b)][metric]) if (method, b) in cell else "n/a" for b in budgets]
                 lines.append(f"| {method} | " + " | ".join(entries) + " |")
-        if detailed and pairs and anchor in methods:
+        if (detailed or every_block) and pairs and anchor in methods:
             lines += ["", f"**{anchor} against each method on the same samples**: wins–losses (cells {anchor} answers "
                           "right and the other wrong – the reverse); * = exact McNemar p < 0.05", "", *header]
             for method in methods:
@@ -325,7 +333,52 @@ def markdown(grid, table: list[dict[str, Any]], b95: list[dict[str, Any]], timin
             lines += ["", "Cells that could not run: " + "; ".join(
                 f"{m} @ {b}: {r['errors']}× ({r['error_example']})" for m, b, r in errors[:6])]
         lines.append("")
+    lines += _cell_time(records or [])
     return "\n".join(lines)
+
+
+def provenance_lines(records: list[dict[str, Any]]) -> list[str]:
+    """Where the rows' pipeline configurations come from: recorded at run time, or backfilled and checked."""
+    stamps = [record.get("provenance") or {} for record in records]
+    backfilled = [stamp for stamp in stamps if "backfill" in stamp]
+    at_run = [stamp for stamp in stamps if stamp and "backfill" not in stamp]
+    lines = []
+    if at_run:
+        runs = sorted({f"{stamp['version']} at commit {stamp['commit'] or 'unknown'}" for stamp in at_run})
+        lines.append(f"Configuration recorded at run time in every row of {len(at_run)} records, by kvpress_like "
+                     + ", ".join(runs) + ".")
+    for stamp in {json.dumps(p, sort_keys=True): p for p in backfilled}.values():
+        check = stamp["check"]
+        lines.append(
+            f"Configuration **{stamp['config']}** by commit {stamp['backfill']['commit']} (these rows were recorded "
+            "before runs stored it; the run's own commit is not known). Re-running "
+            f"{', '.join(check['cells'])} with that code gave the recorded answers, correctness and kept budget "
+            f"tokens ({check['rows_compared']} rows compared) for "
+            + (", ".join(check["reproduced"]) or "no method")
+            + (f"; **not reproduced: {', '.join(check['differ'])}** (their rows carry no configuration)"
+               if check["differ"] else "") + "."
+        )
+    if len(at_run) + len(backfilled) < len(records):
+        lines.append(f"{len(records) - len(at_run) - len(backfilled)} records carry no configuration (made before "
+                     "runs recorded it).")
+    return [*lines, ""] if lines else []
+
+
+def _cell_time(records: list[dict[str, Any]]) -> list[str]:
+    """Seconds per cell (one sample under one protocol, every method and budget), per length and protocol."""
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    for record in records:
+        groups[(record["length"], record["protocol"])].append(record["seconds"])
+    if not groups:
+        return []
+    groups[(ALL, "all")] = [r["seconds"] for r in records]
+    lines = ["## Cell time", "", "Seconds of one cell (a sample under one protocol, every method and budget), from "
+             "the records", "", "| length | protocol | records | total s | mean s | min s | max s |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for (length, protocol), seconds in sorted(groups.items(), key=lambda kv: (_length_key(kv[0][0]), kv[0][1])):
+        lines.append(f"| {length} | {protocol} | {len(seconds)} | {sum(seconds):.1f} | "
+                     f"{sum(seconds) / len(seconds):.1f} | {min(seconds):.1f} | {max(seconds):.1f} |")
+    return [*lines, ""]
 
 
 def _b95_overview(blocks: dict[tuple, list[dict]], b95_of: dict) -> list[str]:

@@ -1,9 +1,11 @@
-"""Re-render a results folder's ``summary.md`` from its records alone (no model, no cell is run).
+"""Re-render a results folder's document from its records alone (no model, no cell is run).
 
-    python -m kvpress_like.eval.rerender docs/results/ablation [--write]
+    python -m kvpress_like.eval.rerender docs/results/ablation docs/results/probe [--write]
 
-The grid comes from the folder's ``grid.json``, the records from ``cells.jsonl`` and the command line from
-the committed ``summary.md``; tests check that every published summary equals its re-rendering.
+An ablation folder's ``summary.md`` comes from its ``grid.json`` and ``cells.jsonl``, a probe folder's ``probe.md``
+from its ``probe.json``; the command line (and the probe's model name) come from the committed document. Tests
+check that every published document equals its re-rendering, and that the results pages' tables equal the tables
+of these documents (:mod:`kvpress_like.eval.pages`).
 """
 
 from __future__ import annotations
@@ -16,9 +18,22 @@ from pathlib import Path
 from kvpress_like.eval.report import aggregate, markdown, merge_cells
 from kvpress_like.eval.runner import CELLS_FILE, GRID_FILE, parse_grid, read_cells
 
+PROBE_FILE = "probe.json"
 
-def render_folder(folder: Path) -> str:
-    """The ``summary.md`` that ``folder``'s records render to."""
+
+def document(folder: Path) -> Path:
+    """The Markdown document of a results folder: ``probe.md`` for a probe, else ``summary.md``."""
+    return folder / ("probe.md" if (folder / PROBE_FILE).is_file() else "summary.md")
+
+
+def render_folder(folder: Path, anchor: str | None = None) -> str:
+    """The document that ``folder``'s records render to (``anchor``: the method of the paired tables, in every
+    block; see :func:`kvpress_like.eval.report.markdown`)."""
+    if (folder / PROBE_FILE).is_file():
+        from kvpress_like.eval.probe import probe_markdown
+
+        title = re.match(r"# .* on (\S+)\n", document(folder).read_text())
+        return probe_markdown(json.loads((folder / PROBE_FILE).read_text()), title.group(1), _command(folder))
     grid = parse_grid(json.loads((folder / GRID_FILE).read_text())["grid"], str(folder / GRID_FILE))
     records = read_cells(folder / CELLS_FILE)
     table, b95 = aggregate(records, [entry.name for entry in grid.method_entries()], list(grid.protocols))
@@ -28,25 +43,25 @@ def render_folder(folder: Path) -> str:
         "cell_seconds_total": round(sum(r["seconds"] for r in records), 1),
         "cell_seconds_mean": round(sum(r["seconds"] for r in records) / len(records), 2) if records else None,
     }
-    return markdown(grid, table, b95, timing, _command(folder), records)
+    return markdown(grid, table, b95, timing, _command(folder), records, anchor)
 
 
 def _command(folder: Path) -> str | None:
-    summary = folder / "summary.md"
-    found = re.search(r"^```bash\n(.*?)\n```", summary.read_text(), flags=re.M | re.S) if summary.is_file() else None
+    path = document(folder)
+    found = re.search(r"^```bash\n(.*?)\n```", path.read_text(), flags=re.M | re.S) if path.is_file() else None
     return found.group(1) if found else None
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="+", type=Path)
-    parser.add_argument("--write", action="store_true", help="overwrite summary.md (else print what differs)")
+    parser.add_argument("--write", action="store_true", help="overwrite the document (else say whether it is stale)")
     args = parser.parse_args(argv)
     for folder in args.folders:
         text = render_folder(folder)
         if args.write:
-            (folder / "summary.md").write_text(text)
-        state = "up to date" if text == (folder / "summary.md").read_text() else "stale"
+            document(folder).write_text(text)
+        state = "up to date" if text == document(folder).read_text() else "stale"
         print(f"{folder}: {'written' if args.write else state}")
 
 

@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kvpress_like.budget import Budget
 from kvpress_like.errors import ConfigError
-from kvpress_like.eval.engine import Candidate, evaluate_sample
+from kvpress_like.eval.engine import Candidate, evaluate_batch
 from kvpress_like.eval.protocols import PROTOCOLS
 from kvpress_like.eval.tasks import DEFAULT_DEPTHS, Sample, load_jsonl, make_samples, task_spec
 from kvpress_like.methods_spec import PART_KINDS
@@ -107,6 +107,7 @@ class GridConfig(BaseModel):
     answer_prefix: bool = True
     attention_metrics: bool = True
     batch: bool = True
+    batch_size: int = Field(1, ge=1, description="samples whose prompts share one (left-padded) prompt forward")
     threads: int | None = None
 
     @field_validator("tasks", mode="before")
@@ -357,18 +358,38 @@ def provenance() -> dict[str, str | None]:
     return {"version": __version__, "commit": commit + ("+dirty" if dirty else "")}
 
 
-def run_unit(model, tokenizer, grid: GridConfig, unit: Unit) -> dict[str, Any]:
-    """Evaluate one unit; returns its ``cells.jsonl`` record (a sample's follow-up questions in ``followups``).
+def unit_batches(units: list[Unit], size: int) -> list[list[Unit]]:
+    """``units`` in batches of at most ``size`` that can share a prompt forward (same protocol and same
+    missing (method, budget) pairs), in their order of first appearance."""
+    groups: dict[tuple, list[Unit]] = {}
+    for unit in units:
+        key = (unit.protocol, tuple((entry.name, budget) for entry, budget in unit.missing))
+        groups.setdefault(key, []).append(unit)
+    return [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
+
+
+def run_units(model, tokenizer, grid: GridConfig, units: list[Unit]) -> list[dict[str, Any]]:
+    """Evaluate a batch of units (see :func:`unit_batches`); returns their ``cells.jsonl`` records, in order
+    (a sample's follow-up questions in ``followups``).
 
     Every row carries the resolved configuration of its pipeline, the record the package version and commit.
     """
-    candidates = [build_candidate(entry, budget) for entry, budget in unit.missing]
+    candidates = [build_candidate(entry, budget) for entry, budget in units[0].missing]
     configs = {(c.label, str(c.budget)): c.pipeline.config for c in candidates}
-    result = evaluate_sample(
-        model, tokenizer, unit.sample, unit.protocol, candidates,
+    results = evaluate_batch(
+        model, tokenizer, [unit.sample for unit in units], units[0].protocol, candidates,
         answer_prefix=grid.answer_prefix, max_new_tokens=grid.max_new_tokens,
         attention_metrics=grid.attention_metrics, batch=grid.batch,
     )
+    return [_record(unit, result, configs) for unit, result in zip(units, results, strict=True)]
+
+
+def run_unit(model, tokenizer, grid: GridConfig, unit: Unit) -> dict[str, Any]:
+    """Evaluate one unit alone; returns its ``cells.jsonl`` record."""
+    return run_units(model, tokenizer, grid, [unit])[0]
+
+
+def _record(unit: Unit, result, configs: dict[tuple[str, str], dict]) -> dict[str, Any]:
     record = {
         "cell": unit.key, "task": unit.task, "length": unit.length, "protocol": unit.protocol, "index": unit.index,
         "depth": unit.sample.meta.get("depth"), "seed": unit.sample.meta.get("seed"),
@@ -434,11 +455,11 @@ def run_grid(
     bar = _progress(len(todo), grid.name, progress)
     started = time.perf_counter()
     with CellsFile(out) as cells:
-        for unit in todo:
-            record = run_unit(model, tokenizer, grid, unit)
-            cells.append(record)
-            bar.update(1)
-            bar.set_postfix_str(f"{unit.key} {record['seconds']:.1f}s")
+        for batch in unit_batches(todo, grid.batch_size):
+            for unit, record in zip(batch, run_units(model, tokenizer, grid, batch), strict=True):
+                cells.append(record)
+                bar.update(1)
+                bar.set_postfix_str(f"{unit.key} {record['seconds']:.1f}s")
     bar.close()
     return finish_run(grid, out, started, len(todo), command)
 
