@@ -7,14 +7,17 @@ Records written before ``cells.jsonl`` carried each row's pipeline configuration
 (label, budget) from the folder's own ``grid.json`` with the current code, then checks that the current code
 still computes those rows: it re-runs the records of a few cells (by default, per protocol, the cheapest recorded
 cell; every record of it, with the (label, budget) pairs that record held, so each run's batch is rebuilt as it was) and
-compares, row by row, the answer, its correctness and the kept budget tokens, and the full-cache reference.
+compares, row by row, the answer, its correctness, the kept budget tokens and the exception of a row that could
+not run (not its wording), and the full-cache reference's answer. ``--check`` takes a check printed before, so the
+re-run can happen in a clean checkout of one commit (the check names it) and the writing elsewhere.
 
 With ``--write`` every record without provenance gets one that says what happened, e.g.::
 
     "provenance": {"version": null, "commit": null, "config": "backfilled from grid.json",
-                   "backfill": {"version": "0.1.0", "commit": "<the commit that resolved and re-ran>",
+                   "backfill": {"version": "0.1.0", "commit": "<the commit that resolved the configurations>",
                                 "first_committed": "<the commit that added these records>"},
-                   "check": {"cells": [...], "reproduced": [...], "differ": [...], "examples": [...]}}
+                   "check": {"rerun_by": {"version": ..., "commit": ...}, "cells": [...], "rows_compared": ...,
+                             "reproduced": [...], "differ": [...], "examples": [...]}}
 
 and its rows get ``config``: the resolved configuration for labels whose re-run rows all equal the recorded
 ones, ``null`` for labels that differ (or were not re-run, or are not in ``grid.json``), so nobody reads an
@@ -46,7 +49,7 @@ from kvpress_like.eval.runner import (
 )
 
 BACKFILLED = "backfilled from grid.json"
-COMPARED = ("answer", "correct", "budget_tokens", "error")
+COMPARED = ("answer", "correct", "budget_tokens")
 
 
 def load_folder(folder: Path) -> tuple[GridConfig, list[dict[str, Any]]]:
@@ -114,17 +117,24 @@ def compare(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any
                     continue
                 compared += 1
                 fields = [k for k in COMPARED if row.get(k) != new.get(k)]
+                if _error_kind(row) != _error_kind(new):  # the exception, not its wording
+                    fields.append("error")
                 (differ if fields else same).add(row["label"])
                 if fields and len(examples) < 8:
                     examples.append({"cell": recorded["cell"], "label": row["label"], "budget": row["budget"],
                                      **{f"{k}": [row.get(k), new.get(k)] for k in fields}})
     return {
+        "rerun_by": provenance(),
         "cells": sorted({recorded["cell"] for recorded, _ in pairs}),
         "rows_compared": compared,
         "reproduced": sorted(same - differ),
         "differ": sorted(differ),
         "examples": examples,
     }
+
+
+def _error_kind(row: dict[str, Any]) -> str | None:
+    return row["error"].split(":")[0] if row.get("error") else None
 
 
 def backfill(grid: GridConfig, records: list[dict[str, Any]], check: dict[str, Any],
@@ -175,11 +185,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path)
     parser.add_argument("--cells", nargs="+", help="cell keys to re-run (default: per protocol, the cheapest cell)")
+    parser.add_argument("--check", type=Path, help="a check this command printed before (JSON), instead of re-running")
     parser.add_argument("--write", action="store_true", help="write cells.jsonl and re-render summary.md")
     args = parser.parse_args(argv)
     grid, records = load_folder(args.folder)
-    check = compare(rerun(grid, records, args.cells or cheapest_cells(records)))
-    print(json.dumps({"folder": str(args.folder), **check}, indent=1))
+    if args.check:
+        check = {k: v for k, v in json.loads(args.check.read_text()).items() if k != "folder"}
+    else:
+        check = compare(rerun(grid, records, args.cells or cheapest_cells(records)))
+        print(json.dumps({"folder": str(args.folder), **check}, indent=1))
     if args.write:
         from kvpress_like.eval.rerender import render_folder
 
