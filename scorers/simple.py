@@ -30,7 +30,8 @@ class RandomConfig(PartConfig):
 
 
 class RandomScorer(Scorer):
-    """Uniform random scores from a seeded generator (same seed ⇒ same kept set)."""
+    """Uniform random scores from a seeded generator (same seed ⇒ same kept set, batched or alone: every
+    sequence of a batch gets the scores it gets alone)."""
 
     name = "random"
     summary = "seeded uniform random scores"
@@ -39,7 +40,8 @@ class RandomScorer(Scorer):
     def score(self, ctx: LayerContext) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.config.seed + ctx.layer_idx)
         batch, heads = ctx.keys.shape[:2]
-        return torch.rand(batch, heads, ctx.prompt_length, generator=generator).to(ctx.keys.device)
+        scores = torch.rand(1, heads, ctx.prompt_length, generator=generator).to(ctx.keys.device)
+        return scores.expand(batch, -1, -1).clone()
 
 
 class RecencyScorer(Scorer):

@@ -6,7 +6,9 @@
   it gets alone;
 * ``model.generate`` continues any method's compressed cache with a multi-token question, as our own
   decode loop does (the kvpress protocol: compress the context, then ask);
-* ``Pipeline.generate`` answers a list of contexts as it answers each one.
+* ``Pipeline.generate`` answers a list of contexts as it answers each one;
+* ``prefill_many`` of a padded batch (several pipelines, one prompt forward) splits into what each
+  sequence gives alone.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from kvpress_like.decoding import GenerationOptions, decode_batch
 from kvpress_like.errors import ConfigError, UnsupportedInputError
 from kvpress_like.pipeline import left_padded
 from kvpress_like.plugins import get_registry
-from kvpress_like.prefill import feed
+from kvpress_like.prefill import feed, prefill_many
+from kvpress_like.unbatch import split_batch
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
@@ -88,6 +91,53 @@ def test_a_padded_batch_keeps_and_continues_each_sequence_as_alone(method, arch,
         torch.testing.assert_close(batch.next_token_logits[row], alone.next_token_logits[0], atol=1e-4, rtol=1e-4)
         (expected,) = decode_batch(model, alone.cache, alone.next_token_logits, new_tokens, GREEDY, set())
         assert answers[row] == expected
+
+
+@SETTINGS
+@given(
+    methods=st.lists(st.sampled_from(METHODS), min_size=2, max_size=4),
+    arch=st.sampled_from(["llama", "qwen3"]),
+    lengths=st.lists(st.integers(70, 130), min_size=2, max_size=4),
+    budget=st.sampled_from(["40%", 50]),
+    new_tokens=st.integers(1, 3),
+)
+def test_prefill_many_of_a_padded_batch_splits_into_what_each_sequence_gives_alone(methods, arch, lengths, budget,
+                                                                                   new_tokens):
+    """Several pipelines share one padded prompt forward; each sequence, split off, has exactly the kept
+    tokens, cache bytes, logits and greedy continuation of ``prefill_many`` on that sequence alone."""
+    model = _model(arch, "sdpa")
+    prompts = [random_ids(n, seed=n)[0] for n in lengths]
+    ids, mask = left_padded(prompts)
+    pipelines = [_pipeline(method, budget) for method in methods]
+    try:
+        batch = prefill_many(model, ids, pipelines, attention_mask=mask)
+    except ConfigError:  # protected tokens that a short sequence's budget cannot hold: alone it fails too
+        with pytest.raises(ConfigError):
+            for prompt in prompts:
+                prefill_many(model, prompt[None], pipelines)
+        return
+    for row, prompt in enumerate(prompts):
+        alone = prefill_many(model, prompt[None], pipelines)
+        for together, single in zip(batch, alone, strict=True):
+            part = split_batch(model, together)[row]
+            for layer, report in single.report.layers.items():
+                _same_kept(part.report.layers[layer], report, 0)
+            assert part.report.budget == single.report.budget
+            assert (part.report.cache_bytes_before, part.report.cache_bytes_after) == (
+                single.report.cache_bytes_before, single.report.cache_bytes_after)
+            assert part.cache.nbytes() == single.cache.nbytes()
+            torch.testing.assert_close(part.next_token_logits, single.next_token_logits, atol=1e-6, rtol=1e-6)
+            assert decode_batch(model, part.cache, part.next_token_logits, new_tokens, GREEDY, set()) == (
+                decode_batch(model, single.cache, single.next_token_logits, new_tokens, GREEDY, set()))
+
+
+def test_only_a_cache_straight_from_its_prefill_splits():
+    model = _model("llama", "sdpa")
+    ids, mask = left_padded([random_ids(n, seed=n)[0] for n in (80, 100)])
+    result = build("snapkv", budget=40).prefill(model, ids, mask)
+    feed(model, result.cache, random_ids(2, batch=2, seed=5))
+    with pytest.raises(UnsupportedInputError, match="split before feeding it"):
+        split_batch(model, result)
 
 
 @SETTINGS

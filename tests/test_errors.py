@@ -239,14 +239,6 @@ def test_a_compressed_cache_read_by_an_ordinary_attention_is_refused():
         model(input_ids=random_ids(3, seed=1), cache=result.cache)
 
 
-def test_prefill_many_refuses_a_padded_batch_instead_of_ignoring_the_padding():
-    ids = random_ids(20, batch=2)
-    mask = torch.ones_like(ids)
-    mask[0, :5] = 0
-    with pytest.raises(UnsupportedInputError, match="does not take padded batches"):
-        prefill_many(tiny_model("llama"), ids, [build("dapq", budget=4), build("snapkv", budget=8)], mask)
-
-
 def test_sliding_layers_without_past_recording_are_refused_with_the_fix():
     """transformers releases before 5.24 cannot keep a sliding layer's rows past its window for one forward."""
     from kvpress_like.compat import record_sliding_past

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from kvpress_like.cli import main
+from kvpress_like.errors import ConfigError
 from kvpress_like.eval.tasks import load_jsonl
 from kvpress_like.eval.toy import save_toy_model
 
@@ -41,6 +42,14 @@ def test_eval_writes_tables_plots_and_samples(toy_dir, tmp_path, capsys):
                  "--out", str(data_out), "--no-progress", "--no-attention-metrics"]) == 0
     cells = (data_out / "cells.jsonl").read_text().splitlines()
     assert len(cells) == 2 and "recall" not in json.loads(cells[0])["rows"][0]
+
+    batched = tmp_path / "batched"
+    assert main(["eval", "--model", toy_dir, "--data", str(samples), "--protocol", "question_aware", "--budget", "50%",
+                 "--out", str(batched), "--no-progress", "--batch-size", "2"]) == 0
+    records = [json.loads(line) for line in (batched / "cells.jsonl").read_text().splitlines()]
+    assert [r["reference"]["timing"]["prefill_batch"] for r in records] == [2, 2]
+    with pytest.raises(ConfigError, match="batch_size: Input should be greater than or equal to 1"):
+        main(["eval", "--model", toy_dir, "--data", str(samples), "--out", str(tmp_path / "bad"), "--batch-size", "0"])
 
 
 def test_ablate_runs_then_resumes(toy_dir, tmp_path, capsys):
