@@ -115,7 +115,9 @@ def prefill_many(
     With several pipelines the prompt's full cache is held (``report.shared_full_cache``) so that one
     forward serves them all; pipelines with the same window and scorer (one method at several budgets)
     also share one forward of their appended rows and one scoring. With one pipeline this is
-    :func:`compressed_prefill`.
+    :func:`compressed_prefill`. A left-padded batch (``attention_mask``; ``question_span`` then one span
+    or ``None`` per sequence) compresses each sequence as if it ran alone, as :func:`compressed_prefill`
+    does; :func:`kvpress_like.unbatch.split_batch` turns each result into one result per sequence.
     """
     if len(pipelines) == 1:
         return [compressed_prefill(model, input_ids, pipelines[0], attention_mask, question_span)]
