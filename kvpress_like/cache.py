@@ -142,6 +142,17 @@ class CompressedCache(DynamicCache):
             return layer.nbytes()
         return sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
 
+    def token_nbytes(self, layer_idx: int) -> int:
+        """Key and value bytes that one token takes in a layer (every sequence of the batch, every KV head)."""
+        layer = self.layers[layer_idx]
+        if isinstance(layer, RaggedLayer):
+            pairs = [(k, v) for krow, vrow in zip(layer.key_parts, layer.value_parts, strict=True)
+                     for k, v in zip(krow, vrow, strict=True)]
+            return sum(k.shape[-1] * k.element_size() + v.shape[-1] * v.element_size() for k, v in pairs)
+        keys, values = layer.keys, layer.values
+        return keys.shape[0] * keys.shape[1] * (keys.shape[-1] * keys.element_size()
+                                                + values.shape[-1] * values.element_size())
+
     def nbytes(self) -> int:
         """Bytes of key and value tensors really held."""
         return sum(self.layer_nbytes(i) for i in range(len(self.layers)))

@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--decode-tokens", type=int, default=32)
     be.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs (a fresh process per case)")
     be.add_argument("--chunk-size", type=int, help="run the methods' MLPs in row chunks of this many tokens")
+    be.add_argument("--prompt-chunk", type=int,
+                    help="progressive prefill: feed the prompt this many tokens at a time, compressing after each")
     be.add_argument("--memory-repeats", type=int, default=1, help="fresh processes per peak-memory case (median)")
     be.add_argument("--out", default="results/bench")
 
@@ -239,7 +241,8 @@ def _bench(args, command: str) -> int:
     memory = None if args.no_memory else {"model": args.model, "budget": args.budget, "threads": args.threads,
                                           "repeats": args.memory_repeats}
     result = run_bench(model, tokenizer, methods, args.lengths, args.repeats, args.decode_tokens,
-                       memory=memory, progress=not args.no_progress, chunk_size=args.chunk_size)
+                       memory=memory, progress=not args.no_progress, chunk_size=args.chunk_size,
+                       prompt_chunk=args.prompt_chunk)
     write_bench(result, args.out, args.model, command)
     print(bench_markdown(result, args.model, command))
     return 0

@@ -59,9 +59,14 @@ class WindowPlan:
 
 
 class WindowBuilder(Part):
-    """Decides which queries judge the importance of the prompt's keys."""
+    """Decides which queries judge the importance of the prompt's keys.
+
+    ``streams``: planned on any prefix of the prompt, the window judges that prefix with a bounded number
+    of rows, so a progressive prefill (:mod:`kvpress_like.progressive`) can use it.
+    """
 
     kind = "window"
+    streams: bool = True
 
     def plan(self, input_ids: torch.Tensor, question_span: tuple[int, int] | None = None) -> WindowPlan:
         raise NotImplementedError

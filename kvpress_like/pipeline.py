@@ -11,6 +11,7 @@ from kvpress_like.decoding import decode_batch, parse_generation_options
 from kvpress_like.errors import UnsupportedInputError
 from kvpress_like.parts import Allocator, Scorer, Selector, WindowBuilder
 from kvpress_like.prefill import PrefillResult, compressed_prefill, feed
+from kvpress_like.progressive import progressive_prefill
 from kvpress_like.prompting import build_prompt
 
 
@@ -59,12 +60,22 @@ class Pipeline:
         *,
         question_span: tuple[int, int] | None = None,
         chunk_size: int | None = None,
+        prompt_chunk: int | None = None,
     ) -> PrefillResult:
         """Prefill ``input_ids`` ``[batch, L]`` and compress the cache in the same forward; logits of position L−1.
 
         ``chunk_size`` runs each layer's MLP on that many rows at a time (bounded activations; the same
-        tokens are kept, see :func:`kvpress_like.prefill.compressed_prefill`).
+        tokens are kept, see :func:`kvpress_like.prefill.compressed_prefill`). ``prompt_chunk`` feeds the
+        prompt that many tokens at a time and compresses after each chunk (memory bounded by the budget and
+        the chunk, not the prompt; the streaming variant of the method, see :mod:`kvpress_like.progressive`).
         """
+        if prompt_chunk is not None:
+            if attention_mask is not None:
+                raise UnsupportedInputError("a progressive prefill (prompt_chunk) takes one unpadded batch; "
+                                            "prefill padded batches without prompt_chunk")
+            result = progressive_prefill(model, input_ids, self, prompt_chunk, question_span, chunk_size)
+            self.last_report = result.report
+            return result
         result = compressed_prefill(model, input_ids, self, attention_mask, question_span, chunk_size)
         self.last_report = result.report
         return result

@@ -75,17 +75,17 @@ def compressed_prefill(
             pipeline, model, adapter, input_ids, attention_mask.to(model.device).bool(), question_span, cache
         )
     else:
-        job = _make_compressor(pipeline, model, adapter, input_ids, question_span, cache, target=None)
-        (ids, positions), forward_mask = _prompt_and_window(input_ids, job.plan), None
+        job = make_compressor(pipeline, model, adapter, input_ids, question_span, cache, target=None)
+        (ids, positions), forward_mask = prompt_and_window(input_ids, job.plan), None
     sliding = [i for i, layer in enumerate(cache.layers) if getattr(layer, "is_sliding", False)]
 
     started = time.perf_counter()
     cache.track_peak = True
     with ExitStack() as stack:
         stack.enter_context(job.attached(adapter.attention_modules()))
-        stack.enter_context(_appended_rows_dropped(adapter, cache, sliding, job.plan.n_appended))
+        stack.enter_context(appended_rows_dropped(adapter, cache, sliding, job.plan.n_appended))
         if chunk_size:
-            stack.enter_context(_position_wise_in_row_chunks(adapter, chunk_size))
+            stack.enter_context(position_wise_in_row_chunks(adapter, chunk_size))
         last_prompt_row = job.plan.prompt_length - 1
         logits = forward(model, cache, ids, positions, logits_row=last_prompt_row, attention_mask=forward_mask)
     cache.track_peak = False
@@ -97,7 +97,7 @@ def compressed_prefill(
     job.report.cache_bytes_after = cache.nbytes()
     job.report.peak_cache_bytes = cache.peak_nbytes
     job.report.chunk_size = chunk_size
-    _hand_over(model, cache, padded)
+    hand_over(model, cache, padded)
     get_plugin_manager().hook.prefill_compressed(report=job.report, pipeline=pipeline)
     return PrefillResult(cache, logits, job.report)
 
@@ -131,7 +131,7 @@ def prefill_many(
     keys = [(_part_key(p.window), _part_key(p.scorer)) for p in pipelines]
     if mask is None:
         jobs = [
-            _make_compressor(p, model, adapter, input_ids, question_span, shared,
+            make_compressor(p, model, adapter, input_ids, question_span, shared,
                              target=CompressedCache(model.config), scores_memo=memos.setdefault(key, {}))
             for p, key in zip(pipelines, keys, strict=True)
         ]
@@ -148,7 +148,7 @@ def prefill_many(
     with ExitStack() as stack:
         for job in jobs:
             stack.enter_context(job.attached(adapter.attention_modules()))
-        logits = forward(model, shared, input_ids, _prompt_and_window(input_ids, None, mask)[1], attention_mask=mask)
+        logits = forward(model, shared, input_ids, prompt_and_window(input_ids, None, mask)[1], attention_mask=mask)
     shared.track_peak = False
     prompt_seconds = time.perf_counter() - started - sum(
         layer.seconds for job in jobs for layer in job.report.layers.values()
@@ -177,7 +177,7 @@ def prefill_many(
         job.report.cache_bytes_before = shared.nbytes()
         job.report.shared_full_cache = True
         job.target.token_mask = mask
-        _hand_over(model, job.target, padded=mask is not None)
+        hand_over(model, job.target, padded=mask is not None)
     held = shared.peak_nbytes + sum(job.target.nbytes() for job in jobs)
     for job in jobs:
         job.report.peak_cache_bytes = held
@@ -185,7 +185,7 @@ def prefill_many(
     return [PrefillResult(job.target, logits, job.report) for job in jobs]
 
 
-def _hand_over(model, cache: CompressedCache, padded: bool = False) -> None:
+def hand_over(model, cache: CompressedCache, padded: bool = False) -> None:
     """A cache that lost rows, whose heads hold different numbers of rows or that came from a padded batch
     is masked layer by layer from now on: the model gets the attention that does it."""
     ragged = any(isinstance(layer, RaggedLayer) for layer in cache.layers)
@@ -199,14 +199,17 @@ def _part_key(part) -> str:
     return f"{part.name}:{part.config.model_dump_json()}"
 
 
-def _prompt_and_window(input_ids: torch.Tensor, plan, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-    """Ids ``[batch, L+N]`` and positions ``[batch, L+N]``: the prompt, then the window's appended rows (if any).
+def prompt_and_window(
+    input_ids: torch.Tensor, plan, mask: torch.Tensor | None = None, start: int = 0
+) -> tuple[torch.Tensor, ...]:
+    """Ids ``[batch, L+N]`` and positions ``[batch, L+N]``: the prompt (from position ``start``), then the
+    window's appended rows (if any).
 
     With a left-padding ``mask`` each sequence's positions start at 0 on its first real token.
     """
     batch, length = input_ids.shape
     if mask is None:
-        positions = torch.arange(length, device=input_ids.device).expand(batch, length)
+        positions = torch.arange(start, start + length, device=input_ids.device).expand(batch, length)
     else:
         positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
     if plan is None or not plan.n_appended:
@@ -216,7 +219,7 @@ def _prompt_and_window(input_ids: torch.Tensor, plan, mask: torch.Tensor | None 
 
 
 @contextmanager
-def _appended_rows_dropped(adapter: ModelAdapter, cache: CompressedCache, layers: list[int], rows: int):
+def appended_rows_dropped(adapter: ModelAdapter, cache: CompressedCache, layers: list[int], rows: int):
     """Layers left uncompressed (sliding-window ones) forget the appended rows right after their attention."""
     if not rows or not layers:
         yield
@@ -254,7 +257,7 @@ class _RowChunked(torch.nn.Module):
 
 
 @contextmanager
-def _position_wise_in_row_chunks(adapter: ModelAdapter, rows: int):
+def position_wise_in_row_chunks(adapter: ModelAdapter, rows: int):
     """Every decoder layer's MLP runs on ``rows`` rows at a time; the original modules are put back on exit."""
     layers = [layer for layer in adapter.decoder.layers if isinstance(getattr(layer, "mlp", None), torch.nn.Module)]
     originals = [layer.mlp for layer in layers]
@@ -274,7 +277,7 @@ def _is_padded(attention_mask: torch.Tensor | None) -> bool:
 def _padded_forward_inputs(pipeline, model, adapter, input_ids, mask, question_span, cache) -> tuple:
     """The compressor of a left-padded batch and its forward's ids, positions and 2-D mask."""
     job = _padded_batch_compressor(pipeline, model, adapter, input_ids, mask, question_span, cache, target=None)
-    ids, positions = _prompt_and_window(input_ids, job.plan, mask)
+    ids, positions = prompt_and_window(input_ids, job.plan, mask)
     cache.token_mask = mask
     return job, ids, positions, torch.cat([mask, _appended_valid(job)], dim=1)
 
@@ -301,7 +304,7 @@ def _padded_batch_compressor(
     pads = (length - mask.sum(dim=1)).tolist()
     memos = memos or [None] * batch
     sequences = [
-        _make_compressor(pipeline, model, adapter, input_ids[b : b + 1, pad:], spans[b], cache, target=None,
+        make_compressor(pipeline, model, adapter, input_ids[b : b + 1, pad:], spans[b], cache, target=None,
                          scores_memo=memos[b], sequence=b)
         for b, pad in enumerate(pads)
     ]
@@ -342,7 +345,7 @@ def _appended_rows_padded(plans: list[WindowPlan], rows: int) -> tuple[torch.Ten
     return ids, positions
 
 
-def _make_compressor(
+def make_compressor(
     pipeline, model, adapter: ModelAdapter, input_ids, question_span, cache, target, scores_memo=None, sequence=0
 ):
     plan = pipeline.window.plan(input_ids, question_span)

@@ -11,7 +11,6 @@ layer lays its rows out densely for one step, kept rows padded on the left
 from __future__ import annotations
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 from transformers.cache_utils import CacheLayerMixin
 
 
@@ -47,10 +46,7 @@ class RaggedLayer(CacheLayerMixin):
 
     def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[batch, kv_heads, T, head_dim]``: kept rows left-padded, then the rows added since."""
-        return (
-            torch.cat([_left_padded(self.key_parts), self.tail_keys], dim=-2),
-            torch.cat([_left_padded(self.value_parts), self.tail_values], dim=-2),
-        )
+        return _left_padded(self.key_parts, self.tail_keys), _left_padded(self.value_parts, self.tail_values)
 
     def valid_rows(self) -> torch.Tensor:
         """``[batch, kv_heads, T]``: which rows of :meth:`padded` are real (not left padding)."""
@@ -75,8 +71,13 @@ class RaggedLayer(CacheLayerMixin):
         return kept + sum(t.numel() * t.element_size() for t in (self.tail_keys, self.tail_values))
 
 
-def _left_padded(parts: list[list[torch.Tensor]]) -> torch.Tensor:
-    """``[batch, heads, max_rows, dim]`` with each (sequence, head)'s rows right-aligned."""
-    batch, heads = len(parts), len(parts[0])
-    flat = pad_sequence([part for row in parts for part in row], batch_first=True, padding_side="left")
-    return flat.reshape(batch, heads, *flat.shape[1:])
+def _left_padded(parts: list[list[torch.Tensor]], tail: torch.Tensor) -> torch.Tensor:
+    """``[batch, heads, max_rows + tail_rows, dim]``: each (sequence, head)'s kept rows right-aligned before
+    ``tail``, zeros before them; written once into one new tensor."""
+    width = max(part.shape[0] for row in parts for part in row)
+    out = tail.new_zeros(*tail.shape[:2], width + tail.shape[-2], tail.shape[-1])
+    for b, row in enumerate(parts):
+        for h, part in enumerate(row):
+            out[b, h, width - part.shape[0] : width] = part
+    out[:, :, width:] = tail
+    return out

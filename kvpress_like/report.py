@@ -51,7 +51,8 @@ class CompressionReport:
     hold, ``cache_bytes_after`` what the compressed cache holds, ``peak_cache_bytes`` the most key/value
     bytes held at any moment of the prefill (tracked by the cache itself, so deterministic).
     ``shared_full_cache`` marks a prefill that held the prompt's full cache to serve several pipelines
-    (:func:`~kvpress_like.prefill_many`); ``chunk_size`` is the row chunk of a chunked prefill. For a
+    (:func:`~kvpress_like.prefill_many`); ``chunk_size`` is the row chunk of a chunked prefill,
+    ``prompt_chunk`` the chunk of a progressive one (:mod:`kvpress_like.progressive`). For a
     left-padded batch ``prompt_length`` is the padded length, ``sequence_lengths`` each sequence's own,
     ``budget`` (and each ``LayerReport.budget``) a list with one budget per sequence, and kept indices are
     per sequence in its own positions.
@@ -67,6 +68,7 @@ class CompressionReport:
     peak_cache_bytes: int = 0
     shared_full_cache: bool = False
     chunk_size: int | None = None
+    prompt_chunk: int | None = None
     sequence_lengths: list[int] | None = None
     seconds: float = 0.0
     prefill_seconds: float = 0.0

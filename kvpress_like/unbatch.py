@@ -77,7 +77,7 @@ def _sequence_report(report: CompressionReport, b: int, cache: CompressedCache) 
         for i, layer in report.layers.items()
     }
     before = sum(
-        _row_bytes(cache, i) * length if i in layers else cache.layer_nbytes(i) for i in range(len(cache.layers))
+        cache.token_nbytes(i) * length if i in layers else cache.layer_nbytes(i) for i in range(len(cache.layers))
     )
     return dataclasses.replace(
         report, prompt_length=length, budget=report.budget[b] if padded else report.budget, layers=layers,
@@ -91,14 +91,3 @@ def _kept_row(kept, b: int):
         return kept[b : b + 1]
     row = kept[b]
     return torch.stack(row)[None] if len({index.shape[0] for index in row}) == 1 else [row]
-
-
-def _row_bytes(cache: CompressedCache, i: int) -> int:
-    """Key and value bytes of one token in layer ``i`` (all KV heads)."""
-    layer = cache.layers[i]
-    if isinstance(layer, RaggedLayer):
-        keys, values = layer.key_parts[0], layer.value_parts[0]
-        return sum(k.shape[-1] * k.element_size() + v.shape[-1] * v.element_size() for k, v in zip(keys, values,
-                                                                                                    strict=True))
-    return layer.keys.shape[1] * (layer.keys.shape[-1] * layer.keys.element_size()
-                                  + layer.values.shape[-1] * layer.values.element_size())

@@ -217,6 +217,7 @@ class ReconstructWindow(WindowBuilder):
     """
 
     name = "reconstruct"
+    streams = False  # its appended rows copy the whole prompt: a progressive prefill refuses it
     summary = "the prompt repeated after a 'repeat the context' instruction, chunked (KVzip)"
     Config = ReconstructConfig
 

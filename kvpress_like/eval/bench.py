@@ -73,12 +73,14 @@ def _ms(seconds: list[float | None]) -> float | None:
     return 1000 * min(measured) if measured else None
 
 
-def _peak(memory: dict[str, Any] | None, method: str, length: int, chunk_size: int | None) -> int | None:
+def _peak(memory: dict[str, Any] | None, method: str, length: int, chunk_size: int | None,
+          prompt_chunk: int | None = None) -> int | None:
     """Median peak over ``memory["repeats"]`` fresh processes (the allocator makes single runs noisy)."""
     if memory is None:
         return None
     peaks = [
-        measure_case(memory["model"], method, length, memory["budget"], chunk_size, memory.get("threads"))["peak_bytes"]
+        measure_case(memory["model"], method, length, memory["budget"], chunk_size, memory.get("threads"),
+                     prompt_chunk)["peak_bytes"]
         for _ in range(memory.get("repeats", 1))
     ]
     return int(statistics.median(peaks))
@@ -94,11 +96,13 @@ def run_bench(
     memory: dict[str, Any] | None = None,
     progress: bool = True,
     chunk_size: int | None = None,
+    prompt_chunk: int | None = None,
 ) -> dict[str, Any]:
     """Benchmark ``methods`` (``(registered name, pipeline)``) at each length; returns rows and run info.
 
     ``memory`` (``{"model": name, "budget": text, "threads": n, "repeats": r}``) measures each case's peak
-    memory in ``r`` fresh processes (median); ``None`` skips it.
+    memory in ``r`` fresh processes (median); ``None`` skips it. ``chunk_size`` and ``prompt_chunk`` go to every
+    method's :meth:`~kvpress_like.pipeline.Pipeline.prefill`.
     """
     rows = []
     total = len(lengths) * (1 + len(methods))
@@ -117,7 +121,9 @@ def run_bench(
             full_bytes = cache.nbytes()
             del cache
             for label, pipeline in methods:
-                seconds, result = _timed(lambda p=pipeline, ids=ids: p.prefill(model, ids, chunk_size=chunk_size))
+                seconds, result = _timed(
+                    lambda p=pipeline, ids=ids: p.prefill(model, ids, chunk_size=chunk_size, prompt_chunk=prompt_chunk)
+                )
                 method_times[label].append(seconds)
                 method_decode[label].append(
                     _decode_seconds(model, result.cache, result.next_token_logits, decode_tokens)
@@ -136,7 +142,7 @@ def run_bench(
         })
         for label, _ in methods:
             report = results[label]
-            peak = _peak(memory, label, length, chunk_size)
+            peak = _peak(memory, label, length, chunk_size, prompt_chunk)
             seconds = min(method_times[label])
             decode_ms = _ms(method_decode[label])
             rows.append({
@@ -152,7 +158,7 @@ def run_bench(
         "rows": rows,
         "settings": {
             "lengths": lengths, "repeats": repeats, "decode_tokens": decode_tokens, "methods": [m for m, _ in methods],
-            "chunk_size": chunk_size, "statistic": "fastest of the repeats",
+            "chunk_size": chunk_size, "prompt_chunk": prompt_chunk, "statistic": "fastest of the repeats",
             "memory_repeats": memory.get("repeats", 1) if memory else None,
         },
         "machine": {
@@ -174,7 +180,8 @@ def bench_markdown(result: dict[str, Any], model_name: str, command: str | None 
         f"# Benchmark: cost of compression on {model_name}", "",
         f"{m['device']}, {m['dtype']}, {m['threads']} threads, torch {m['torch']}; "
         f"fastest of {s['repeats']} interleaved "
-        f"repeats; decode = {s['decode_tokens']} greedy tokens; chunk size {s.get('chunk_size') or 'none'}. "
+        f"repeats; decode = {s['decode_tokens']} greedy tokens; chunk size {s.get('chunk_size') or 'none'}; "
+        f"prompt chunk {s.get('prompt_chunk') or 'none (one forward)'}. "
         "Ratios are against the plain prefill / full-cache decode measured in the same run; peak = peak memory "
         f"above the loaded model, median of {s.get('memory_repeats') or 0} fresh processes per case.",
     ]

@@ -33,7 +33,8 @@ def _reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
 
 
-def run_case(model_name: str, method: str, length: int, budget: str, chunk_size: int | None, threads: int | None):
+def run_case(model_name: str, method: str, length: int, budget: str, chunk_size: int | None, threads: int | None,
+             prompt_chunk: int | None = None):
     """This process's measurement of one case (call it in a fresh process: see :func:`measure_case`)."""
     import torch
 
@@ -51,7 +52,7 @@ def run_case(model_name: str, method: str, length: int, budget: str, chunk_size:
     def prefill():
         if pipeline is None:
             return plain_prefill(model, ids)[0].nbytes(), None
-        report = pipeline.prefill(model, ids, chunk_size=chunk_size).report
+        report = pipeline.prefill(model, ids, chunk_size=chunk_size, prompt_chunk=prompt_chunk).report
         return report.cache_bytes_after, report.peak_cache_bytes
 
     with torch.no_grad():
@@ -72,14 +73,15 @@ def run_case(model_name: str, method: str, length: int, budget: str, chunk_size:
         else:
             peak = _status_kib("VmHWM") * 1024 - base
     return {
-        "method": method, "length": length, "budget": budget, "chunk_size": chunk_size,
+        "method": method, "length": length, "budget": budget, "chunk_size": chunk_size, "prompt_chunk": prompt_chunk,
         "peak_bytes": peak, "cache_bytes": held, "peak_cache_bytes": peak_cache,
         "measured": "cuda max_memory_allocated" if cuda else "peak resident set (VmHWM) above the loaded model",
     }
 
 
 def measure_case(
-    model_name: str, method: str, length: int, budget: str, chunk_size: int | None = None, threads: int | None = None
+    model_name: str, method: str, length: int, budget: str, chunk_size: int | None = None, threads: int | None = None,
+    prompt_chunk: int | None = None,
 ) -> dict[str, Any]:
     """Run :func:`run_case` in a fresh Python process and return its record."""
     command = [sys.executable, "-m", "kvpress_like.eval.memory", "--model", model_name, "--method", method,
@@ -88,6 +90,8 @@ def measure_case(
         command += ["--chunk-size", str(chunk_size)]
     if threads:
         command += ["--threads", str(threads)]
+    if prompt_chunk:
+        command += ["--prompt-chunk", str(prompt_chunk)]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if done.returncode != 0:
         raise RuntimeError(f"memory case {method} at {length} tokens failed:\n{done.stderr[-2000:]}")
@@ -102,8 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", default="10%")
     parser.add_argument("--chunk-size", type=int)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--prompt-chunk", type=int, help="progressive prefill: prompt chunks of this many tokens")
     args = parser.parse_args(argv)
-    record = run_case(args.model, args.method, args.length, args.budget, args.chunk_size, args.threads)
+    record = run_case(args.model, args.method, args.length, args.budget, args.chunk_size, args.threads,
+                      args.prompt_chunk)
     print(json.dumps(record))
 
 

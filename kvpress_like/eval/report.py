@@ -333,7 +333,7 @@ def markdown(grid, table: list[dict[str, Any]], b95: list[dict[str, Any]], timin
             lines += ["", "Cells that could not run: " + "; ".join(
                 f"{m} @ {b}: {r['errors']}× ({r['error_example']})" for m, b, r in errors[:6])]
         lines.append("")
-    lines += _cell_time(records or [])
+    lines += _cell_time(records or [], list(grid.protocols))
     return "\n".join(lines)
 
 
@@ -349,11 +349,14 @@ def provenance_lines(records: list[dict[str, Any]]) -> list[str]:
                      + ", ".join(runs) + ".")
     for stamp in {json.dumps(p, sort_keys=True): p for p in backfilled}.values():
         check = stamp["check"]
+        cells = ", ".join(f"`{cell}`" for cell in check["cells"])
         lines.append(
             f"Configuration **{stamp['config']}** by commit {stamp['backfill']['commit']} (these rows were recorded "
             "before runs stored it; the run's own commit is not known). Re-running "
-            f"{', '.join(check['cells'])} with that code gave the recorded answers, correctness and kept budget "
-            f"tokens ({check['rows_compared']} rows compared) for "
+            f"{cells} with " + ("that code" if check["rerun_by"]["commit"] == stamp["backfill"]["commit"]
+                                 else f"the code of commit {check['rerun_by']['commit']}") + " gave the recorded "
+            f"answers, correctness and kept budget tokens ({check['rows_compared']} rows compared) for "
+            + ("" if FULL in check["differ"] else "the full-cache reference and ")
             + (", ".join(check["reproduced"]) or "no method")
             + (f"; **not reproduced: {', '.join(check['differ'])}** (their rows carry no configuration)"
                if check["differ"] else "") + "."
@@ -364,7 +367,7 @@ def provenance_lines(records: list[dict[str, Any]]) -> list[str]:
     return [*lines, ""] if lines else []
 
 
-def _cell_time(records: list[dict[str, Any]]) -> list[str]:
+def _cell_time(records: list[dict[str, Any]], protocols: list[str]) -> list[str]:
     """Seconds per cell (one sample under one protocol, every method and budget), per length and protocol."""
     groups: dict[tuple, list[float]] = defaultdict(list)
     for record in records:
@@ -375,7 +378,9 @@ def _cell_time(records: list[dict[str, Any]]) -> list[str]:
     lines = ["## Cell time", "", "Seconds of one cell (a sample under one protocol, every method and budget), from "
              "the records", "", "| length | protocol | records | total s | mean s | min s | max s |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for (length, protocol), seconds in sorted(groups.items(), key=lambda kv: (_length_key(kv[0][0]), kv[0][1])):
+    rank = {protocol: i for i, protocol in enumerate(protocols)}
+    for (length, protocol), seconds in sorted(groups.items(), key=lambda kv: (_length_key(kv[0][0]),
+                                                                              rank.get(kv[0][1], len(rank)))):
         lines.append(f"| {length} | {protocol} | {len(seconds)} | {sum(seconds):.1f} | "
                      f"{sum(seconds) / len(seconds):.1f} | {min(seconds):.1f} | {max(seconds):.1f} |")
     return [*lines, ""]

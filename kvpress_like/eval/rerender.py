@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from kvpress_like.eval.report import aggregate, markdown, merge_cells
@@ -52,17 +53,23 @@ def _command(folder: Path) -> str | None:
     return found.group(1) if found else None
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folders", nargs="+", type=Path)
-    parser.add_argument("--write", action="store_true", help="overwrite the document (else say whether it is stale)")
+def command_line(description: str, render: Callable[[Path], str], target: Callable[[Path], Path] = lambda path: path,
+                 note: Callable[[str], str] = lambda text: "", argv: list[str] | None = None) -> None:
+    """``PATH ... [--write]``: say whether each path's file (``target``) equals ``render(path)``, or rewrite it."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", type=Path)
+    parser.add_argument("--write", action="store_true", help="rewrite what is stale (else say what is)")
     args = parser.parse_args(argv)
-    for folder in args.folders:
-        text = render_folder(folder)
-        if args.write:
-            document(folder).write_text(text)
-        state = "up to date" if text == document(folder).read_text() else "stale"
-        print(f"{folder}: {'written' if args.write else state}")
+    for path in args.paths:
+        text, out = render(path), target(path)
+        stale = text != out.read_text()
+        if args.write and stale:
+            out.write_text(text)
+        print(f"{path}: " + (("written" if args.write else "stale") if stale else "up to date") + note(text))
+
+
+def main(argv: list[str] | None = None) -> None:
+    command_line(__doc__, render_folder, document, argv=argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,175 @@
+"""Compress-as-you-go: feed the prompt in chunks and compress every layer after each chunk.
+
+A one-pass prefill (:func:`kvpress_like.prefill.compressed_prefill`) never holds the full cache, but its
+forward still works on the whole prompt at once, so activations grow with the prompt. Here the prompt goes
+through in chunks of ``prompt_chunk`` tokens. After each chunk every compressible layer holds at most its
+budget: the rows kept so far and the chunk's rows are scored together and the layer keeps its budget.
+Peak memory is then bounded by *budget + one chunk* (cache) and by the chunk (activations), whatever the
+prompt's length.
+
+What each round scores with: the method's own window, planned on the prompt *so far* (the prefix that ends
+with this chunk; a question span counts once it is inside the prefix), restricted to the rows of this
+chunk and the appended rows (earlier chunks' rows are gone). SnapKV's window is thus the chunk's last rows;
+DapQ's pseudo queries sit right after the prefix. Intermediate rounds keep the layer's budget on every
+head (uniformly); the last round runs the method's allocator on what survived, with the method's real
+window. So this is not the same method as an unchunked prefill: it keeps the same number of tokens, and
+the same tokens whenever the prompt fits one chunk or the budget holds the whole prompt; in between it is
+the streaming variant of the method (as in InfiniPot, Kim et al. 2024, and SnapKV's own chunked use).
+Scorers that read the prompt's hidden states (Expected Attention) and windows that copy the whole prompt
+(KVzip's reconstruction) cannot stream and are refused.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import torch
+
+from kvpress_like.adapters import get_adapter
+from kvpress_like.allocators import UniformAllocator
+from kvpress_like.attention import compressed_attention
+from kvpress_like.cache import CompressedCache
+from kvpress_like.compressor import LayerCompressor
+from kvpress_like.errors import UnsupportedInputError
+from kvpress_like.parts import WindowPlan
+from kvpress_like.plugins import get_plugin_manager
+from kvpress_like.prefill import (
+    PrefillResult, appended_rows_dropped, check_chunk_size, check_inputs, forward, hand_over, make_compressor,
+    position_wise_in_row_chunks, prompt_and_window,
+)
+from kvpress_like.ragged import RaggedLayer
+
+
+@dataclass
+class RoundCompressor(LayerCompressor):
+    """One chunk's round of a progressive prefill.
+
+    ``local_plan`` is the window in the chunk's own coordinates (its rows, then the appended ones); each
+    layer holds ``start`` rows from earlier rounds before them, so ``plan`` is that plan shifted, per layer.
+    ``positions`` maps every layer's held rows to prompt positions and ``spent`` sums each layer's
+    compression time (both kept across rounds); ``chunk_start`` is the position of the chunk's first token.
+    The last round reports the kept indices, in prompt positions.
+    """
+
+    local_plan: WindowPlan | None = None
+    positions: dict[int, torch.Tensor] = field(default_factory=dict)
+    spent: dict[int, float] = field(default_factory=dict)
+    chunk_start: int = 0
+    final: bool = False
+
+    def _step(self, module, layer_idx: int, source: CompressedCache, kwargs, start: int):
+        started = time.perf_counter()
+        local = self.local_plan
+        self.plan = WindowPlan(
+            start + local.prompt_length, local.window_rows + start, local.appended_ids, local.appended_positions
+        )
+        layer = source.layers[layer_idx]
+        kept, keys, values = self.select(module, layer_idx, layer.keys, layer.values, kwargs, start)
+        chunk = torch.arange(self.chunk_start, self.chunk_start + local.prompt_length, device=layer.keys.device)
+        chunk = chunk.expand(*layer.keys.shape[:2], -1)
+        held = torch.cat([self.positions[layer_idx], chunk], dim=-1) if layer_idx in self.positions else chunk
+        seen = self.chunk_start + local.prompt_length
+        if isinstance(keys, torch.Tensor):
+            self.positions[layer_idx] = held.gather(-1, kept)
+            source.replace_layer(layer_idx, keys, values, seen=seen)
+            kept = self.positions[layer_idx]
+        else:  # the last round's head-adaptive allocation (earlier rounds are uniform)
+            source.replace_with_ragged(layer_idx, RaggedLayer(keys, values), seen=seen)
+            kept = [[held[b, h, index] for h, index in enumerate(row)] for b, row in enumerate(kept)]
+        self.spent[layer_idx] = self.spent.get(layer_idx, 0.0) + time.perf_counter() - started
+        return kept if self.final else None
+
+
+@torch.no_grad()
+def progressive_prefill(
+    model, input_ids: torch.Tensor, pipeline, prompt_chunk: int, question_span=None, chunk_size: int | None = None
+) -> PrefillResult:
+    """Prefill ``input_ids`` ``[batch, L]`` about ``prompt_chunk`` tokens at a time, compressing after each chunk.
+
+    The first chunk takes the remainder (``L mod prompt_chunk``), so the last chunk, whose round uses the
+    method's real window, is a whole one.
+    """
+    check_inputs(input_ids, None)
+    check_chunk_size(prompt_chunk)
+    check_chunk_size(chunk_size)
+    _check_streams(pipeline)
+    adapter = get_adapter(model)
+    input_ids = input_ids.to(model.device)
+    length = input_ids.shape[1]
+    cache = CompressedCache(model.config)
+    whole = make_compressor(pipeline, model, adapter, input_ids, question_span, cache, target=None)
+    report, positions, spent = whole.report, {}, {}
+    sliding = [i for i, layer in enumerate(cache.layers) if getattr(layer, "is_sliding", False)]
+    ends = sorted({length - k * prompt_chunk for k in range(-(-length // prompt_chunk))})
+    started, chunk_start, logits = time.perf_counter(), 0, None
+    cache.track_peak = True
+    for end in ends:
+        final = end == length
+        plan = whole.plan if final else _prefix_plan(pipeline, input_ids[:, :end], question_span)
+        local = _local_plan(plan, chunk_start)
+        job = RoundCompressor(
+            plan=local, target=None, scorer=pipeline.scorer, selector=pipeline.selector,
+            allocator=pipeline.allocator if final else UniformAllocator(), budgets=whole.budgets, report=report,
+            pipeline=pipeline, rope_at=adapter.rope_at, local_plan=local, positions=positions, spent=spent,
+            chunk_start=chunk_start, final=final,
+        )
+        ids, rows = prompt_and_window(input_ids[:, chunk_start:end], local, start=chunk_start)
+        with ExitStack() as stack:
+            stack.enter_context(compressed_attention(model, cache))
+            stack.enter_context(job.attached(adapter.attention_modules()))
+            stack.enter_context(appended_rows_dropped(adapter, cache, sliding, local.n_appended))
+            if chunk_size:
+                stack.enter_context(position_wise_in_row_chunks(adapter, chunk_size))
+            logits = forward(model, cache, ids, rows, logits_row=end - chunk_start - 1)
+        cache.own_masks = True  # layers now hold fewer rows than tokens seen: the next chunk needs its own masks
+        cache.added_valid.clear()  # every row held is a prompt row
+        chunk_start = end
+    cache.track_peak = False
+    for i, layer_report in report.layers.items():
+        layer_report.seconds = spent[i]
+    report.seconds = sum(spent.values())
+    report.prefill_seconds = time.perf_counter() - started - report.seconds
+    report.cache_bytes_before = sum(
+        cache.token_nbytes(i) * length if i in whole.budgets else cache.layer_nbytes(i)
+        for i in range(len(cache.layers))
+    )
+    report.cache_bytes_after = cache.nbytes()
+    report.peak_cache_bytes = cache.peak_nbytes
+    report.chunk_size, report.prompt_chunk = chunk_size, prompt_chunk
+    hand_over(model, cache)
+    get_plugin_manager().hook.prefill_compressed(report=report, pipeline=pipeline)
+    return PrefillResult(cache, logits, report)
+
+
+def _check_streams(pipeline) -> None:
+    if getattr(pipeline.scorer, "reads_hidden_states", False):
+        raise UnsupportedInputError(
+            f"the {pipeline.scorer.name!r} scorer reads the whole prompt's hidden states, which a progressive "
+            "prefill never holds: prefill without prompt_chunk (chunk_size still bounds the MLP activations)"
+        )
+    if not getattr(pipeline.window, "streams", True):
+        raise UnsupportedInputError(
+            f"the {pipeline.window.name!r} window appends rows that grow with the prompt (a copy of it), so a "
+            "progressive prefill would not save memory: prefill without prompt_chunk"
+        )
+
+
+def _prefix_plan(pipeline, prefix: torch.Tensor, question_span) -> WindowPlan:
+    """The method's window planned on the prompt so far; a question span counts once it is inside."""
+    span = question_span if question_span is not None and question_span[1] <= prefix.shape[1] else None
+    try:
+        return pipeline.window.plan(prefix, span)
+    except Exception as error:
+        raise UnsupportedInputError(
+            f"a progressive prefill plans the {pipeline.window.name!r} window on every prefix of the prompt, and "
+            f"it cannot plan one of {prefix.shape[1]} tokens ({error}): prefill without prompt_chunk"
+        ) from error
+
+
+def _local_plan(plan: WindowPlan, chunk_start: int) -> WindowPlan:
+    """``plan`` (prefix coordinates) in the chunk's coordinates: its rows before the chunk are dropped."""
+    rows = plan.window_rows
+    local = rows[rows >= chunk_start] - chunk_start
+    return WindowPlan(plan.prompt_length - chunk_start, local, plan.appended_ids, plan.appended_positions)

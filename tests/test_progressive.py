@@ -1,0 +1,129 @@
+"""Progressive (compress-as-you-go) prefill: the prompt in chunks, every layer compressed after each chunk.
+
+* one chunk holding the whole prompt is the one-pass prefill: same kept tokens, same logits;
+* a budget that holds the whole prompt keeps everything: the logits of an uncompressed prefill;
+* whatever the chunks, every layer keeps its budget of distinct prompt positions, the method's protected
+  tokens (sinks, the last tokens) among them, and the cache never holds more than the budget + one chunk
+  + the window's appended rows per layer;
+* the compressed cache continues like any other (our loop = ``model.generate``);
+* methods that cannot stream, and padded batches, are refused with what to do instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from conftest import random_ids, tiny_model
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvpress_like import build
+from kvpress_like.compat import cache_kwarg
+from kvpress_like.decoding import GenerationOptions, decode_batch
+from kvpress_like.errors import UnsupportedInputError
+from kvpress_like.plugins import get_registry
+from kvpress_like.prefill import forward
+
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")
+
+STREAMING = [m for m in sorted(get_registry().methods) if m not in {"expected_attention", "kvzip", "kvzip_dapq"}]
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@functools.cache
+def _model(arch: str):
+    """A private float64 copy with 4 layers (pyramid budgets differ per layer)."""
+    model = tiny_model(arch, num_hidden_layers=4, initializer_range=0.1)
+    return copy.deepcopy(model).double()
+
+
+def _pipeline(method: str, budget):
+    return build(method) if method == "full" else build(method, budget=budget)
+
+
+def _kept(layer_report) -> list[torch.Tensor]:
+    kept = layer_report.kept_indices
+    return list(kept[0]) if isinstance(kept, torch.Tensor) else kept[0]
+
+
+@SETTINGS
+@given(method=st.sampled_from(STREAMING), arch=st.sampled_from(["llama", "qwen3"]), length=st.integers(80, 160),
+       budget=st.sampled_from(["30%", 60]))
+def test_one_chunk_holding_the_prompt_is_the_one_pass_prefill(method, arch, length, budget):
+    model, ids = _model(arch), random_ids(length, seed=length)
+    one_pass = _pipeline(method, budget).prefill(model, ids)
+    progressive = _pipeline(method, budget).prefill(model, ids, prompt_chunk=length + 7)
+    for layer, report in one_pass.report.layers.items():
+        for got, want in zip(_kept(progressive.report.layers[layer]), _kept(report), strict=True):
+            assert torch.equal(got, want)
+    torch.testing.assert_close(progressive.next_token_logits, one_pass.next_token_logits)
+    assert progressive.report.cache_bytes_after == one_pass.report.cache_bytes_after
+    assert progressive.report.cache_bytes_before == one_pass.report.cache_bytes_before
+
+
+@SETTINGS
+@given(arch=st.sampled_from(["llama", "qwen3"]), length=st.integers(60, 200), chunk=st.integers(16, 64))
+def test_a_budget_that_holds_the_prompt_gives_the_uncompressed_logits(arch, length, chunk):
+    model, ids = _model(arch), random_ids(length, seed=length)
+    result = build("snapkv", budget=length).prefill(model, ids, prompt_chunk=chunk)
+    plain = forward(model, None, ids, torch.arange(length))
+    torch.testing.assert_close(result.next_token_logits, plain)
+    assert all(torch.equal(index, torch.arange(length)) for r in result.report.layers.values() for index in _kept(r))
+
+
+@SETTINGS
+@given(method=st.sampled_from(STREAMING), length=st.integers(150, 260), chunk=st.integers(40, 90),
+       budget=st.sampled_from(["25%", 70]))
+def test_every_chunking_keeps_the_budget_the_protected_tokens_and_bounds_the_cache(method, length, chunk, budget):
+    model, ids = _model("llama"), random_ids(length, seed=length + chunk)
+    pipeline = _pipeline(method, budget)
+    result = pipeline.prefill(model, ids, prompt_chunk=chunk)
+    report, cache = result.report, result.cache
+    appended = pipeline.window.plan(ids).n_appended
+    protected = pipeline.selector.checked_protected_mask(length, report.budget, "cpu") if report.budget < length else None
+    bound = 0
+    for layer, layer_report in report.layers.items():
+        kept = _kept(layer_report)
+        counts = [index.numel() for index in kept]
+        assert sum(counts) == min(layer_report.budget, length) * len(kept)  # head-adaptive: the same total
+        for index in kept:
+            assert torch.equal(index, torch.unique(index)) and 0 <= int(index.min()) and int(index.max()) < length
+            if protected is not None and index.numel() == layer_report.budget:
+                assert bool(torch.isin(protected.nonzero().flatten(), index).all())
+        bound += (max(counts) + chunk + appended) * cache.token_nbytes(layer)
+    assert report.peak_cache_bytes <= bound
+    assert report.prompt_chunk == chunk
+    assert cache.get_seq_length() == length
+
+
+def test_a_progressive_cache_continues_like_any_other():
+    model, ids = _model("llama"), random_ids(180, seed=3)
+    question = random_ids(5, seed=4)
+    ours = build("pyramidkv", budget="30%").prefill(model, ids, prompt_chunk=50)
+    theirs = build("pyramidkv", budget="30%").prefill(model, ids, prompt_chunk=50)
+    from kvpress_like.prefill import feed
+
+    logits = feed(model, ours.cache, question)
+    (answer,) = decode_batch(model, ours.cache, logits, 6, GenerationOptions(), set())
+    out = model.generate(torch.cat([ids, question], dim=1), max_new_tokens=6, do_sample=False,
+                         **{cache_kwarg(model): theirs.cache})
+    assert out[0, ids.shape[1] + question.shape[1]:].tolist() == answer
+
+
+@pytest.mark.parametrize(("method", "message"), [
+    ("expected_attention", "reads the whole prompt's hidden states"),
+    ("kvzip", "appends rows that grow with the prompt"),
+])
+def test_methods_that_cannot_stream_are_refused(method, message):
+    with pytest.raises(UnsupportedInputError, match=message):
+        build(method, budget="30%").prefill(_model("llama"), random_ids(120), prompt_chunk=40)
+
+
+def test_a_padded_batch_is_refused_with_the_alternative():
+    ids, mask = random_ids(60, batch=2), torch.ones(2, 60, dtype=torch.long)
+    mask[0, :10] = 0
+    with pytest.raises(UnsupportedInputError, match="without prompt_chunk"):
+        build("snapkv", budget=20).prefill(_model("llama"), ids, mask, prompt_chunk=30)
