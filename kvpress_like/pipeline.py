@@ -90,6 +90,7 @@ class Pipeline:
         question_aware: bool = True,
         max_new_tokens: int = 32,
         chunk_size: int | None = None,
+        prompt_chunk: int | None = None,
         **generation_kwargs: Any,
     ) -> str | list[str]:
         """Compress and answer; the report of the compression is left in ``self.last_report``.
@@ -97,8 +98,8 @@ class Pipeline:
         Question-aware: the question is inside the compressed prompt (DapQ's protocol). Query-agnostic:
         only the context is compressed and the question is fed after it (kvpress's protocol).
         A list of contexts (and of questions) runs as one left-padded batch, each sequence compressed and
-        answered as if alone; the answers come back as a list. ``chunk_size`` chunks the prefill (see
-        :meth:`prefill`). Options: ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop_at_eos``.
+        answered as if alone; the answers come back as a list. ``chunk_size`` and ``prompt_chunk`` chunk the
+        prefill (see :meth:`prefill`). Options: ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop_at_eos``.
         """
         options = parse_generation_options(generation_kwargs)
         contexts, questions = _as_batch(context, question)
@@ -107,11 +108,13 @@ class Pipeline:
             ids, mask = left_padded([p.input_ids[0] for p in prompts])
             spans = [p.question_span for p in prompts]
             result = self.prefill(model, ids, mask if len(prompts) > 1 else None,
-                                  question_span=spans if len(prompts) > 1 else spans[0], chunk_size=chunk_size)
+                                  question_span=spans if len(prompts) > 1 else spans[0], chunk_size=chunk_size,
+                                  prompt_chunk=prompt_chunk)
             logits = result.next_token_logits
         else:
             ids, mask = left_padded([p.input_ids[0, : p.context_length] for p in prompts])
-            result = self.prefill(model, ids, mask if len(prompts) > 1 else None, chunk_size=chunk_size)
+            result = self.prefill(model, ids, mask if len(prompts) > 1 else None, chunk_size=chunk_size,
+                                  prompt_chunk=prompt_chunk)
             rest, rest_mask = left_padded([p.input_ids[0, p.context_length :] for p in prompts])
             logits = feed(model, result.cache, rest.to(model.device), attention_mask=rest_mask)
         answers = decode_batch(model, result.cache, logits, max_new_tokens, options, eos_ids(model, tokenizer))
