@@ -143,17 +143,22 @@ def progressive_prefill(
     return PrefillResult(cache, logits, report)
 
 
-def _check_streams(pipeline) -> None:
+def why_not_streaming(pipeline) -> str | None:
+    """Why ``pipeline`` cannot run a progressive prefill, or ``None`` if it can."""
     if getattr(pipeline.scorer, "reads_hidden_states", False):
-        raise UnsupportedInputError(
-            f"the {pipeline.scorer.name!r} scorer reads the whole prompt's hidden states, which a progressive "
-            "prefill never holds: prefill without prompt_chunk (chunk_size still bounds the MLP activations)"
-        )
+        return (f"the {pipeline.scorer.name!r} scorer reads the whole prompt's hidden states, which a progressive "
+                "prefill never holds")
     if not getattr(pipeline.window, "streams", True):
-        raise UnsupportedInputError(
-            f"the {pipeline.window.name!r} window appends rows that grow with the prompt (a copy of it), so a "
-            "progressive prefill would not save memory: prefill without prompt_chunk"
-        )
+        return (f"the {pipeline.window.name!r} window appends rows that grow with the prompt (a copy of it), so a "
+                "progressive prefill would not save memory")
+    return None
+
+
+def _check_streams(pipeline) -> None:
+    reason = why_not_streaming(pipeline)
+    if reason:
+        raise UnsupportedInputError(f"{reason}: prefill without prompt_chunk (chunk_size still bounds the MLP "
+                                    "activations)")
 
 
 def _prefix_plan(pipeline, prefix: torch.Tensor, question_span) -> WindowPlan:

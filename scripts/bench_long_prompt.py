@@ -5,6 +5,9 @@ Each case runs in a fresh process (peak resident set above the loaded model, see
 ``kvpress_like.eval.memory``). The model is the toy Llama of ``kvpress_like.eval.toy`` made wide enough
 that its cache matters (its weights are random: this measures memory, not answers). Prints one line
 per method with its peak and the ratio to the uncompressed 8k prefill, and writes the records as JSON.
+With ``--prompt-chunk`` the methods that can stream run a progressive prefill (the prompt fed in chunks,
+compressed after each); the others (hidden-state scorers, prompt-copying windows) run the one-pass
+prefill with ``--chunk-size``, and their record says so.
 
     python scripts/bench_long_prompt.py --out docs/results/long-prompt
 """
@@ -19,7 +22,9 @@ from pathlib import Path
 
 from kvpress_like.eval.memory import PLAIN, measure_case
 from kvpress_like.eval.toy import save_toy_model
+from kvpress_like.factory import build
 from kvpress_like.plugins import get_registry
+from kvpress_like.progressive import why_not_streaming
 
 TOY = {"layers": 4, "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
        "num_key_value_heads": 4, "max_position_embeddings": 40_000}
@@ -31,6 +36,7 @@ def main() -> None:
     parser.add_argument("--long", type=int, default=32768, help="length of the compressed prefills")
     parser.add_argument("--budget", default="10%")
     parser.add_argument("--chunk-size", type=int, default=2048, help="MLP row chunks of the compressed prefills")
+    parser.add_argument("--prompt-chunk", type=int, help="progressive prefill in prompt chunks of this many tokens")
     parser.add_argument("--repeats", type=int, default=1, help="fresh processes per case (median)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
@@ -39,8 +45,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         model = str(save_toy_model(folder, **TOY))
 
-        def peak(method: str, length: int, chunk: int | None) -> dict:
-            runs = [measure_case(model, method, length, args.budget, chunk, args.threads) for _ in range(args.repeats)]
+        def peak(method: str, length: int, chunk: int | None, prompt_chunk: int | None = None) -> dict:
+            runs = [measure_case(model, method, length, args.budget, chunk, args.threads, prompt_chunk)
+                    for _ in range(args.repeats)]
             return {**runs[0], "peak_bytes": int(statistics.median(r["peak_bytes"] for r in runs))}
 
         reference = peak(PLAIN, args.short, None)
@@ -49,7 +56,8 @@ def main() -> None:
         for method in sorted(get_registry().methods):
             if method == "full":
                 continue
-            record = peak(method, args.long, args.chunk_size)
+            streams = args.prompt_chunk and why_not_streaming(build(method, budget=args.budget)) is None
+            record = peak(method, args.long, args.chunk_size, args.prompt_chunk if streams else None)
             record["ratio_to_short_plain"] = record["peak_bytes"] / reference["peak_bytes"]
             records.append(record)
             print(f"{method} at {args.long}: {record['peak_bytes'] / 2**20:.0f} MiB "
