@@ -133,7 +133,10 @@ class LayerCompressor:
         hidden = kwargs["hidden_states"]
         local = self._local_rows(hidden.shape[1], start, hidden.device)
         cos, sin = kwargs["position_embeddings"]
-        parts = [*self.captured.get(layer_idx, []), (hidden[:, local], cos[:, local], sin[:, local])]
+        current = (hidden[:, local], cos[:, local], sin[:, local])
+        if layer_idx not in self.captured:
+            return current
+        parts = [*self.captured[layer_idx], current]
         return tuple(torch.cat(pieces, dim=1) for pieces in zip(*parts, strict=True))
 
     def _prompt_hidden_states(self, layer_idx: int, kwargs, start: int) -> torch.Tensor | None:

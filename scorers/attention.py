@@ -31,15 +31,14 @@ def window_attention(ctx: LayerContext, domain: Literal["visible", "prompt"] = "
     batch, q_heads, window, head_dim = ctx.queries.shape
     kv_heads, total = ctx.keys.shape[1], ctx.keys.shape[2]
     group = q_heads // kv_heads
-    queries = ctx.queries.reshape(batch, kv_heads, group * window, head_dim).float()
-    logits = queries @ ctx.keys.float().transpose(-1, -2) * ctx.scaling
+    queries = ctx.queries.reshape(batch, kv_heads, group * window, head_dim).float() * ctx.scaling
+    logits = (queries @ ctx.keys.float().transpose(-1, -2)).view(batch, kv_heads, group, window, total)
     key_rows = torch.arange(total, device=logits.device)
-    visible = key_rows[None, :] <= ctx.query_rows.to(logits.device)[:, None]
+    hidden = key_rows[None, :] > ctx.query_rows.to(logits.device)[:, None]  # [window, total]: not yet seen
     if domain == "prompt":
-        visible &= key_rows[None, :] < ctx.prompt_length
-    logits = logits.masked_fill(~visible.repeat(group, 1), float("-inf"))
-    probs = logits.softmax(dim=-1)[..., : ctx.prompt_length]
-    return probs.reshape(batch, kv_heads, group, window, ctx.prompt_length)
+        hidden |= key_rows[None, :] >= ctx.prompt_length
+    probs = logits.masked_fill_(hidden, float("-inf")).softmax(dim=-1)
+    return probs[..., : ctx.prompt_length]
 
 
 def pool_scores(scores: torch.Tensor, pooling: str, kernel: int) -> torch.Tensor:
@@ -62,6 +61,8 @@ def pool_before_window(scores: torch.Tensor, ctx: LayerContext, pooling: str, ke
     Windows appended after the prompt (DapQ) precede no prompt key, so every key is pooled.
     """
     start = min(int(ctx.query_rows.min()), ctx.prompt_length) if ctx.query_rows.numel() else ctx.prompt_length
+    if start == ctx.prompt_length:  # an appended window: every key is pooled
+        return pool_scores(scores, pooling, kernel)
     return torch.cat([pool_scores(scores[..., :start], pooling, kernel), scores[..., start:]], dim=-1)
 
 

@@ -280,3 +280,13 @@ def test_resuming_refuses_a_method_that_now_resolves_differently(toy, tmp_path):
     (tmp_path / "cells.jsonl").write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
     with pytest.raises(ConfigError, match="now resolves to"):
         run_grid(_grid(samples=2), tmp_path, model, tokenizer, progress=False)
+
+
+def test_resuming_a_method_whose_configuration_holds_tuples_is_not_refused(toy, tmp_path):
+    """KVzip's window options hold tuples of ids, which a record reads back as lists: the same configuration."""
+    model, tokenizer = toy
+    grid = _grid(methods=["full", "kvzip"], samples=1)
+    run_grid(grid, tmp_path, model, tokenizer, progress=False)
+    wider = _grid(methods=["full", "kvzip", "snapkv"], samples=1)
+    summary = run_grid(wider, tmp_path, model, tokenizer, progress=False)
+    assert {r["method"] for r in summary["table"]} == {"full", "kvzip", "snapkv"}

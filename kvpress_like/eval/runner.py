@@ -309,7 +309,8 @@ def pending_units(grid: GridConfig, out: Path, tokenizer, limit: int | None = No
     """The units ``cells.jsonl`` in ``out`` still lacks (at most ``limit``); fails fast on bad methods, and
     on recorded cells whose (label, budget) now resolves to another pipeline configuration."""
     planned = planned_pairs(grid)  # fails fast on unknown methods or options, naming the valid ones
-    configs = {(entry.name, budget): build_candidate(entry, budget).pipeline.config for entry, budget in planned}
+    configs = {(entry.name, budget): _as_recorded(build_candidate(entry, budget).pipeline.config)
+               for entry, budget in planned}
     records = read_cells(out / CELLS_FILE)
     _check_recorded_configs(records, configs, out)
     done = done_pairs(records)
@@ -334,6 +335,11 @@ def _check_recorded_configs(records: list[dict[str, Any]], configs: dict[tuple[s
                     f"but it now resolves to {now} (the method or its defaults changed); resuming would mix two "
                     "methods under one label: use another output folder, or give this one another label"
                 )
+
+
+def _as_recorded(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` as a record holds it once written and read back (JSON: tuples become lists)."""
+    return json.loads(json.dumps(config))
 
 
 def _with_configs(rows: list[dict[str, Any]], configs: dict[tuple[str, str], dict]) -> list[dict[str, Any]]:
