@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from kvpress_like.eval.bench import batch_markdown
 from kvpress_like.eval.runner import parse_grid, read_cells, run_grid
 from kvpress_like.models import load_model
 
@@ -68,11 +71,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for run in runs:
         del run["answers"]
-    (args.out / "bench_batch.json").write_text(json.dumps({
+    record = {
         "grid": grid.model_dump(mode="json"), "settings": vars(args) | {"out": str(args.out)},
         "torch_threads": torch.get_num_threads(), "runs": runs, "ratios": ratios,
         "median_ratio": statistics.median(ratios), "same_answers": same,
-    }, indent=2))
+    }
+    (args.out / "bench_batch.json").write_text(json.dumps(record, indent=2))
+    (args.out / "bench_batch.md").write_text(batch_markdown(record, shlex.join(["python", *sys.argv])))
 
 
 if __name__ == "__main__":

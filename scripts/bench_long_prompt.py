@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
+from kvpress_like.eval.bench import long_prompt_markdown
 from kvpress_like.eval.memory import PLAIN, measure_case
 from kvpress_like.eval.toy import save_toy_model
 from kvpress_like.factory import build
@@ -63,8 +66,9 @@ def main() -> None:
             print(f"{method} at {args.long}: {record['peak_bytes'] / 2**20:.0f} MiB "
                   f"({record['ratio_to_short_plain']:.2f}x the plain {args.short} prefill)", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "long_prompt.json").write_text(json.dumps({"toy_model": TOY, "settings": vars(args) | {
-        "out": str(args.out)}, "records": records}, indent=2))
+    record = {"toy_model": TOY, "settings": vars(args) | {"out": str(args.out)}, "records": records}
+    (args.out / "long_prompt.json").write_text(json.dumps(record, indent=2))
+    (args.out / "long_prompt.md").write_text(long_prompt_markdown(record, shlex.join(["python", *sys.argv])))
 
 
 if __name__ == "__main__":

@@ -20,12 +20,12 @@ import pytest
 
 from kvpress_like import build
 from kvpress_like.eval.backfill import BACKFILLED, backfill, compare
-from kvpress_like.eval.rerender import PROBE_FILE, document, render_folder
+from kvpress_like.eval.rerender import DOCUMENTS, document, render_folder
 from kvpress_like.eval.runner import CELLS_FILE, GRID_FILE, build_candidate, parse_grid, read_cells
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
 ABLATIONS = sorted(path.parent for path in RESULTS.rglob(CELLS_FILE) if (path.parent / GRID_FILE).is_file())
-FOLDERS = sorted([*ABLATIONS, *(path.parent for path in RESULTS.rglob(PROBE_FILE))])
+FOLDERS = sorted([*ABLATIONS, *(path.parent for record in DOCUMENTS for path in RESULTS.rglob(record))])
 
 
 def _ids(folders):

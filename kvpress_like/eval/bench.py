@@ -202,6 +202,50 @@ def bench_markdown(result: dict[str, Any], model_name: str, command: str | None 
     return "\n".join(lines)
 
 
+def long_prompt_markdown(record: dict[str, Any], command: str | None = None) -> str:
+    """The table of ``scripts/bench_long_prompt.py``'s record: each method's peak at the long length against the
+    plain prefill at the short one."""
+    s = record["settings"]
+    plain, *methods = record["records"]
+    lines = [
+        "# Long prompts: every method at the long length against a plain prefill at the short one", "",
+        f"Toy model ({', '.join(f'{k} {v}' for k, v in record['toy_model'].items())}); budget {s['budget']}; "
+        "peak = peak memory above the loaded model, "
+        f"median of {s['repeats']} fresh process(es) per case; plain prefill at {s['short']} tokens: "
+        f"{plain['peak_bytes'] / 2**20:.0f} MiB peak, {plain['cache_bytes'] / 2**20:.0f} MiB cache.",
+    ]
+    if command:
+        lines += ["", "```bash", command, "```"]
+    lines += ["", f"| method at {s['long']} | prefill | peak MiB | × plain {s['short']} | peak cache MiB |",
+              "| --- | --- | ---: | ---: | ---: |"]
+    for r in methods:
+        how = (f"progressive, prompt chunk {r['prompt_chunk']}" if r.get("prompt_chunk")
+               else f"one pass, MLP chunk {r['chunk_size'] or 'none'}")
+        lines.append(f"| {r['method']} | {how} | {r['peak_bytes'] / 2**20:.0f} | {r['ratio_to_short_plain']:.2f} | "
+                     f"{_cell(r['peak_cache_bytes'], '.1f', 2**20)} |")
+    return "\n".join([*lines, ""])
+
+
+def batch_markdown(record: dict[str, Any], command: str | None = None) -> str:
+    """The table of ``scripts/bench_eval_batch.py``'s record: samples per minute per run, and the ratio."""
+    s = record["settings"]
+    lines = [
+        f"# Evaluation throughput: batch {s['batch_size']} against batch 1", "",
+        f"{s['model']}, {s['samples']} samples of {s['length']} tokens, {record['torch_threads']} torch thread(s), "
+        f"{s['rounds']} rounds alternating the batch sizes; same answers and errors in every round: "
+        f"{record['same_answers']}.",
+    ]
+    if command:
+        lines += ["", "```bash", command, "```"]
+    lines += ["", "| round | batch size | samples | seconds | samples/min |", "| ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['round']} | {r['batch_size']} | {r['cells']} | {r['seconds']} | {r['samples_per_minute']} |"
+              for r in record["runs"]]
+    ratios = ", ".join(f"{ratio:.2f}" for ratio in record["ratios"])
+    lines += ["", f"Batch {s['batch_size']} / batch 1, samples per minute: median {record['median_ratio']:.2f}× "
+                  f"(rounds: {ratios})."]
+    return "\n".join([*lines, ""])
+
+
 def _cell(value: float | None, spec: str, scale: float = 1) -> str:
     return "–" if value is None else format(value / scale, spec)
 

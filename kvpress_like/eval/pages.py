@@ -12,8 +12,9 @@ A table on a results page stands between two comments; the first says where it c
 
     <!-- /table -->
 
-``source`` is a results folder's document, relative to the page: a ``summary.md`` or ``probe.md`` is rendered
-again from the folder's records (:func:`kvpress_like.eval.rerender.render_folder`; ``anchor="method"`` renders
+``source`` is a results folder's document, relative to the page: a ``summary.md``, ``probe.md`` or benchmark
+document (:data:`kvpress_like.eval.rerender.DOCUMENTS`) is rendered again from the folder's records
+(:func:`kvpress_like.eval.rerender.render_folder`; ``anchor="method"`` renders
 the paired wins–losses against that method, in every block); any other file is read as written (the output of
 a command that keeps no other record). ``section`` is the start of a heading's text, ``caption`` the start of the
 paragraph the table follows in that section (omitted: the section's first table). ``rows`` keeps those rows, in
@@ -42,7 +43,7 @@ NUMBER = re.compile(r"[\d\s.,:%×–—\-+*/±()]*\d[\d\s.,:%×–—\-+*/±()]*
 def _source_text(path: Path, anchor: str | None) -> str:
     from kvpress_like.eval.rerender import document, render_folder
 
-    if path.name in ("summary.md", "probe.md") and document(path.parent) == path:
+    if document(path.parent) == path and (path.name != "summary.md" or (path.parent / "grid.json").is_file()):
         return render_folder(path.parent, anchor)
     if anchor:
         raise ConfigError(f"{path}: anchor= needs a results folder's summary.md")

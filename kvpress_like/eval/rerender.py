@@ -20,21 +20,35 @@ from kvpress_like.eval.report import aggregate, markdown, merge_cells
 from kvpress_like.eval.runner import CELLS_FILE, GRID_FILE, parse_grid, read_cells
 
 PROBE_FILE = "probe.json"
+# records of the benchmark commands -> their document (probe, ``kvpress-like bench``, the two bench scripts)
+DOCUMENTS = {PROBE_FILE: "probe.md", "bench.json": "bench.md", "long_prompt.json": "long_prompt.md",
+             "bench_batch.json": "bench_batch.md"}
 
 
 def document(folder: Path) -> Path:
-    """The Markdown document of a results folder: ``probe.md`` for a probe, else ``summary.md``."""
-    return folder / ("probe.md" if (folder / PROBE_FILE).is_file() else "summary.md")
+    """The Markdown document of a results folder: that of its benchmark record (:data:`DOCUMENTS`), else
+    ``summary.md`` (an ablation)."""
+    for record, name in DOCUMENTS.items():
+        if (folder / record).is_file():
+            return folder / name
+    return folder / "summary.md"
 
 
 def render_folder(folder: Path, anchor: str | None = None) -> str:
     """The document that ``folder``'s records render to (``anchor``: the method of the paired tables, in every
     block; see :func:`kvpress_like.eval.report.markdown`)."""
-    if (folder / PROBE_FILE).is_file():
-        from kvpress_like.eval.probe import probe_markdown
+    from kvpress_like.eval.bench import batch_markdown, bench_markdown, long_prompt_markdown
+    from kvpress_like.eval.probe import probe_markdown
 
-        title = re.match(r"# .* on (\S+)\n", document(folder).read_text())
-        return probe_markdown(json.loads((folder / PROBE_FILE).read_text()), title.group(1), _command(folder))
+    path = document(folder)
+    if path.name != "summary.md":
+        record = json.loads((folder / next(r for r, name in DOCUMENTS.items() if name == path.name)).read_text())
+        if path.name in ("probe.md", "bench.md"):  # their title names the model
+            model = re.match(r"# .* on (\S+)\n", path.read_text()).group(1)
+            render = probe_markdown if path.name == "probe.md" else bench_markdown
+            return render(record, model, _command(folder))
+        render = long_prompt_markdown if path.name == "long_prompt.md" else batch_markdown
+        return render(record, _command(folder))
     grid = parse_grid(json.loads((folder / GRID_FILE).read_text())["grid"], str(folder / GRID_FILE))
     records = read_cells(folder / CELLS_FILE)
     table, b95 = aggregate(records, [entry.name for entry in grid.method_entries()], list(grid.protocols))
