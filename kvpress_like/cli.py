@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--save-samples", help="also write the generated samples to this JSONL file")
     ev.add_argument("--out", default="results/eval", help="output folder (resumable)")
     _batch_option(ev)
+    ev.add_argument("--prompt-chunk", type=int,
+                    help="progressive prefill of every method: the prompt in chunks of this many tokens")
     _ray_options(ev)
 
     ab = commands.add_parser("ablate", help="run (or resume) a YAML grid: methods × windows × budgets × lengths × …")
@@ -171,7 +173,7 @@ def _eval(args, command: str) -> int:
         "protocols": args.protocol or ["question_aware", "query_agnostic"], "budgets": args.budget or ["10%"],
         "methods": methods, "max_new_tokens": args.max_new_tokens, "answer_prefix": not args.no_answer_prefix,
         "attention_metrics": not args.no_attention_metrics, "threads": args.threads,
-        "batch_size": 1 if args.batch_size is None else args.batch_size,
+        "batch_size": 1 if args.batch_size is None else args.batch_size, "prompt_chunk": args.prompt_chunk,
     }
     grid = parse_grid(raw, "eval options")
     if ray:

@@ -290,3 +290,27 @@ def test_resuming_a_method_whose_configuration_holds_tuples_is_not_refused(toy, 
     wider = _grid(methods=["full", "kvzip", "snapkv"], samples=1)
     summary = run_grid(wider, tmp_path, model, tokenizer, progress=False)
     assert {r["method"] for r in summary["table"]} == {"full", "kvzip", "snapkv"}
+
+
+def test_a_grid_of_progressive_prefills_records_each_method_or_why_it_cannot_stream(toy, tmp_path):
+    """With ``prompt_chunk`` every candidate runs a progressive prefill: one chunk as long as the prompt gives the
+    rows of a one-pass run; a method that cannot stream records why; the setting is part of the grid's identity."""
+    model, tokenizer = toy
+    methods = ["full", "snapkv", "pyramidkv", "expected_attention"]
+    run_grid(_grid(methods=methods, samples=2), tmp_path / "one", model, tokenizer, progress=False)
+    run_grid(_grid(methods=methods, samples=2, prompt_chunk=4096), tmp_path / "whole", model, tokenizer,
+             progress=False)
+    for once, whole in zip(*(read_cells(tmp_path / name / "cells.jsonl") for name in ("one", "whole")), strict=True):
+        for a, b in zip(once["rows"], whole["rows"], strict=True):
+            if a["method"] != "expected_attention":
+                assert (a["answer"], a["budget_tokens"], a["recall_layers"]) == (b["answer"], b["budget_tokens"],
+                                                                                 b["recall_layers"])
+                assert a["kl"] == pytest.approx(b["kl"], abs=1e-6)
+    run_grid(_grid(methods=methods, samples=2, prompt_chunk=64), tmp_path / "small", model, tokenizer, progress=False)
+    for record in read_cells(tmp_path / "small" / "cells.jsonl"):
+        rows = {row["method"]: row for row in record["rows"]}
+        assert "reads the whole prompt's hidden states" in rows["expected_attention"]["error"]
+        assert rows["snapkv"]["error"] is None and rows["snapkv"]["budget_tokens"] == record["reference"][
+            "prompt_tokens"] // 2
+    with pytest.raises(ConfigError, match="prompt_chunk"):
+        run_grid(_grid(methods=methods, samples=2), tmp_path / "small", model, tokenizer, progress=False)

@@ -151,6 +151,7 @@ def evaluate_batch(
     max_new_tokens: int | None = None,
     attention_metrics: bool = True,
     batch: bool = True,
+    prompt_chunk: int | None = None,
 ) -> list[SampleResult]:
     """:func:`evaluate_sample` for several samples whose prompts share one left-padded prompt forward.
 
@@ -158,9 +159,11 @@ def evaluate_batch(
     before it is answered, so every result equals :func:`evaluate_sample` on that sample (timing aside: each
     result's ``seconds`` counts an equal share of the batch's prefill). If a candidate cannot run on one
     of the prompts, the samples run one at a time, so that the error lands on that sample only.
+    ``prompt_chunk``: every candidate runs a progressive prefill (:mod:`kvpress_like.progressive`), one
+    pipeline and one sample at a time (the reference stays a plain prefill).
     """
     options = dict(answer_prefix=answer_prefix, max_new_tokens=max_new_tokens,
-                   attention_metrics=attention_metrics, batch=batch)
+                   attention_metrics=attention_metrics, batch=batch, prompt_chunk=prompt_chunk)
     if protocol == "question_aware":  # each question compresses its own prompt
         contexts = [[question] for sample in samples for question in sample.questions()]
     else:  # the questions of a sample share its compressed context
@@ -188,7 +191,7 @@ def _evaluate_contexts(model, tokenizer, contexts, protocol, candidates, options
               for head, span in zip(heads, spans, strict=True)]
     windows: dict[tuple[str, int], dict[int, torch.Tensor]] = {}
     if len(contexts) > 1:
-        if any(error is not None for found in errors for error in found.values()):
+        if options["prompt_chunk"] or any(error is not None for found in errors for error in found.values()):
             return [_evaluate_contexts(model, tokenizer, [c], protocol, candidates, options)[0] for c in contexts]
         per_context = _prefill_batch(model, heads, candidates, spans, windows if options["attention_metrics"] else None)
         if per_context is None:  # the shared forward failed: one at a time, so each error lands on its sample
@@ -197,7 +200,8 @@ def _evaluate_contexts(model, tokenizer, contexts, protocol, candidates, options
     else:
         runnable = [c for c in candidates if errors[0][id(c)] is None]
         per_context = [_prefill(model, heads[0], [reference_pipeline()] + [c.pipeline for c in runnable], spans[0],
-                                windows if options["attention_metrics"] else None, errors[0], runnable)]
+                                windows if options["attention_metrics"] else None, errors[0], runnable,
+                                options["prompt_chunk"])]
     prefill_share = (time.perf_counter() - started) / len(contexts)
     out = []
     for b, (questions, group, results) in enumerate(zip(contexts, prompts, per_context, strict=True)):
@@ -311,17 +315,19 @@ class _null:
         return False
 
 
-def _prefill(model, head, pipelines, span, windows, errors, runnable):
-    """``prefill_many`` with window recording; if the shared run fails, each pipeline runs on its own."""
+def _prefill(model, head, pipelines, span, windows, errors, runnable, prompt_chunk=None):
+    """``prefill_many`` with window recording; if the shared run fails, each pipeline runs on its own (always,
+    with ``prompt_chunk``: progressive prefills share no forward)."""
     with _recording(pipelines[1:], windows):
-        try:
-            return prefill_many(model, head, pipelines, question_span=span)
-        except Exception as error:  # one bad configuration must not sink the whole cell
-            log.warning("shared prefill failed (%s); running the %d pipelines one by one", error, len(pipelines))
+        if prompt_chunk is None:
+            try:
+                return prefill_many(model, head, pipelines, question_span=span)
+            except Exception as error:  # one bad configuration must not sink the whole cell
+                log.warning("shared prefill failed (%s); running the %d pipelines one by one", error, len(pipelines))
         results = prefill_many(model, head, pipelines[:1], question_span=span)
         for candidate, pipeline in zip(runnable, pipelines[1:], strict=True):
             try:
-                results += prefill_many(model, head, [pipeline], question_span=span)
+                results.append(pipeline.prefill(model, head, question_span=span, prompt_chunk=prompt_chunk))
             except Exception as error:
                 errors[id(candidate)] = f"{type(error).__name__}: {error}"
                 results.append(None)
