@@ -16,6 +16,9 @@ from kvpress_like.parts import LayerContext, Scorer
 from kvpress_like.scorers.attention import AttentionConfig, attention_scores
 
 
+ROWS_AT_A_TIME = 1024  # values projected per step: the work tensor is O(rows × hidden), never O(L × hidden)
+
+
 def projected_value_norm(ctx: LayerContext) -> torch.Tensor:
     """``[batch, kv_heads, L]``: mean over each group's query heads of ‖W_o^h v_j‖₁."""
     values = ctx.values[:, :, : ctx.prompt_length].float()
@@ -24,8 +27,11 @@ def projected_value_norm(ctx: LayerContext) -> torch.Tensor:
     q_heads = weight.shape[1] // head_dim
     group = q_heads // kv_heads
     per_head = weight.T.reshape(kv_heads, group, head_dim, -1)  # [kv, g, d, hidden]
-    projected = torch.einsum("bkld,kgdh->bkglh", values, per_head)
-    return projected.abs().sum(-1).mean(dim=2)
+    norms = [
+        torch.einsum("bkld,kgdh->bkglh", values[:, :, start : start + ROWS_AT_A_TIME], per_head).abs().sum(-1)
+        for start in range(0, values.shape[2], ROWS_AT_A_TIME)
+    ]
+    return torch.cat(norms, dim=-1).mean(dim=2) if norms else values.new_zeros(*values.shape[:2], 0)
 
 
 class CriticalScorer(Scorer):

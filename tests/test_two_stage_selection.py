@@ -116,3 +116,13 @@ def test_another_selector_ranks_by_the_weighted_scores_alone():
     two_stage = build("critical_dapq", budget=12).prefill(model, ids).report.kept_indices
     assert all(torch.equal(topk[i], one_stage.report.kept_indices[i]) for i in topk)
     assert any(not torch.equal(topk[i], two_stage[i]) for i in topk)
+
+
+def test_projected_value_norms_are_computed_in_row_blocks_with_the_same_result():
+    """Values are projected ``ROWS_AT_A_TIME`` rows at a time: the norms equal one projection of every row."""
+    ctx = layer_context(tiny_model("llama"), 2600)
+    weight = ctx.module.o_proj.weight.float()
+    kv_heads, head_dim = ctx.values.shape[1], ctx.values.shape[3]
+    per_head = weight.T.reshape(kv_heads, -1, head_dim, weight.shape[0])
+    whole = torch.einsum("bkld,kgdh->bkglh", ctx.values.float(), per_head).abs().sum(-1).mean(dim=2)
+    torch.testing.assert_close(projected_value_norm(ctx), whole)
