@@ -99,7 +99,8 @@ class Pipeline:
         only the context is compressed and the question is fed after it (kvpress's protocol).
         A list of contexts (and of questions) runs as one left-padded batch, each sequence compressed and
         answered as if alone; the answers come back as a list. ``chunk_size`` and ``prompt_chunk`` chunk the
-        prefill (see :meth:`prefill`). Options: ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop_at_eos``.
+        prefill (see :meth:`prefill`). Options: ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``,
+        ``stop_at_eos``.
         """
         options = parse_generation_options(generation_kwargs)
         contexts, questions = _as_batch(context, question)

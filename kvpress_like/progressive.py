@@ -36,8 +36,15 @@ from kvpress_like.errors import UnsupportedInputError
 from kvpress_like.parts import WindowPlan
 from kvpress_like.plugins import get_plugin_manager
 from kvpress_like.prefill import (
-    PrefillResult, appended_rows_dropped, check_chunk_size, check_inputs, forward, hand_over, make_compressor,
-    position_wise_in_row_chunks, prompt_and_window,
+    PrefillResult,
+    appended_rows_dropped,
+    check_chunk_size,
+    check_inputs,
+    forward,
+    hand_over,
+    make_compressor,
+    position_wise_in_row_chunks,
+    prompt_and_window,
 )
 from kvpress_like.ragged import RaggedLayer
 

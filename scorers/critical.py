@@ -15,7 +15,6 @@ from kvpress_like.hookspecs import hookimpl
 from kvpress_like.parts import LayerContext, Scorer
 from kvpress_like.scorers.attention import AttentionConfig, attention_scores
 
-
 ROWS_AT_A_TIME = 1024  # values projected per step: the work tensor is O(rows × hidden), never O(L × hidden)
 
 

@@ -14,7 +14,6 @@ from kvpress_like import (
     UnsupportedInputError,
     UnsupportedModelError,
     build,
-    prefill_many,
 )
 from kvpress_like.attention import restore_attention
 

@@ -23,14 +23,14 @@ from hypothesis import strategies as st
 from kvpress_like import build
 from kvpress_like.compat import cache_kwarg
 from kvpress_like.decoding import GenerationOptions, decode_batch
-from kvpress_like.errors import UnsupportedInputError
+from kvpress_like.errors import ConfigError, UnsupportedInputError
 from kvpress_like.plugins import get_registry
 from kvpress_like.prefill import forward
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
 STREAMING = [m for m in sorted(get_registry().methods) if m not in {"expected_attention", "kvzip", "kvzip_dapq"}]
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 @functools.cache
@@ -54,7 +54,12 @@ def _kept(layer_report) -> list[torch.Tensor]:
        budget=st.sampled_from(["30%", 60]))
 def test_one_chunk_holding_the_prompt_is_the_one_pass_prefill(method, arch, length, budget):
     model, ids = _model(arch), random_ids(length, seed=length)
-    one_pass = _pipeline(method, budget).prefill(model, ids)
+    try:
+        one_pass = _pipeline(method, budget).prefill(model, ids)
+    except ConfigError:  # protected tokens that the budget cannot hold: the progressive prefill refuses too
+        with pytest.raises(ConfigError):
+            _pipeline(method, budget).prefill(model, ids, prompt_chunk=length + 7)
+        return
     progressive = _pipeline(method, budget).prefill(model, ids, prompt_chunk=length + 7)
     for layer, report in one_pass.report.layers.items():
         for got, want in zip(_kept(progressive.report.layers[layer]), _kept(report), strict=True):
@@ -75,7 +80,7 @@ def test_a_budget_that_holds_the_prompt_gives_the_uncompressed_logits(arch, leng
 
 
 @SETTINGS
-@given(method=st.sampled_from(STREAMING), length=st.integers(150, 260), chunk=st.integers(40, 90),
+@given(method=st.sampled_from(STREAMING), length=st.integers(160, 260), chunk=st.integers(40, 90),
        budget=st.sampled_from(["25%", 70]))
 def test_every_chunking_keeps_the_budget_the_protected_tokens_and_bounds_the_cache(method, length, chunk, budget):
     model, ids = _model("llama"), random_ids(length, seed=length + chunk)
@@ -83,14 +88,16 @@ def test_every_chunking_keeps_the_budget_the_protected_tokens_and_bounds_the_cac
     result = pipeline.prefill(model, ids, prompt_chunk=chunk)
     report, cache = result.report, result.cache
     appended = pipeline.window.plan(ids).n_appended
-    protected = pipeline.selector.checked_protected_mask(length, report.budget, "cpu") if report.budget < length else None
+    protected = None
+    if report.budget < length:
+        protected = pipeline.selector.checked_protected_mask(length, report.budget, "cpu")
     bound = 0
     for layer, layer_report in report.layers.items():
         kept = _kept(layer_report)
         counts = [index.numel() for index in kept]
         assert sum(counts) == min(layer_report.budget, length) * len(kept)  # head-adaptive: the same total
         for index in kept:
-            assert torch.equal(index, torch.unique(index)) and 0 <= int(index.min()) and int(index.max()) < length
+            assert torch.equal(index, torch.unique(index)) and int(index.min()) >= 0 and int(index.max()) < length
             if protected is not None and index.numel() == layer_report.budget:
                 assert bool(torch.isin(protected.nonzero().flatten(), index).all())
         bound += (max(counts) + chunk + appended) * cache.token_nbytes(layer)

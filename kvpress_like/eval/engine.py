@@ -29,7 +29,13 @@ from kvpress_like.errors import ConfigError
 from kvpress_like.eval import metrics
 from kvpress_like.eval.capture import QueryCapture
 from kvpress_like.eval.protocols import (
-    check_protocol, greedy, logits_along, prepare, select_rows, signature, stack,
+    check_protocol,
+    greedy,
+    logits_along,
+    prepare,
+    select_rows,
+    signature,
+    stack,
 )
 from kvpress_like.pipeline import Pipeline, eos_ids, left_padded
 from kvpress_like.prefill import PrefillResult, prefill_many, shallow_copy
