@@ -67,8 +67,9 @@ def records_by_cell(out) -> dict[str, dict]:
 
 def summary_text(out) -> str:
     """``summary.md`` without what timing decides: its timing sentence, the cost column (measured prefill-time
-    ratios) and the command that wrote it."""
+    ratios), the cell-time section and the command that wrote it."""
     text = re.sub(r"^```bash\n.*?\n```\n\n", "", (out / "summary.md").read_text(), flags=re.M | re.S)
+    text = re.sub(r"^## Cell time\n.*?(?=^## |\Z)", "", text, flags=re.M | re.S)
     text = re.sub(r"\| [\d.]+× \|$", "| <cost> |", text, flags=re.M)
     return re.sub(r"[\d.]+ s of cell time \([\d.]+ s per cell\)", "<timing>", text)
 
