@@ -14,7 +14,7 @@ DapQ's pseudo queries sit right after the prefix. Intermediate rounds keep the l
 head (uniformly); the last round runs the method's allocator on what survived, with the method's real
 window. So this is not the same method as an unchunked prefill: it keeps the same number of tokens, and
 the same tokens whenever the prompt fits one chunk or the budget holds the whole prompt; in between it is
-the streaming variant of the method (as in InfiniPot, Kim et al. 2024, and SnapKV's own chunked use).
+the streaming variant of the method (compress-as-you-go in a fixed cache, as InfiniPot, Kim et al. 2024).
 Scorers that read the prompt's hidden states (Expected Attention) and windows that copy the whole prompt
 (KVzip's reconstruction) cannot stream and are refused.
 """
