@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     _batch_option(ev)
     ev.add_argument("--prompt-chunk", type=int,
                     help="progressive prefill of every method: the prompt in chunks of this many tokens")
+    ev.add_argument("--interim-factor", type=float, default=1.0,
+                    help="with --prompt-chunk: each layer keeps this many times its budget between chunks")
     _ray_options(ev)
 
     ab = commands.add_parser("ablate", help="run (or resume) a YAML grid: methods × windows × budgets × lengths × …")
@@ -174,6 +176,7 @@ def _eval(args, command: str) -> int:
         "methods": methods, "max_new_tokens": args.max_new_tokens, "answer_prefix": not args.no_answer_prefix,
         "attention_metrics": not args.no_attention_metrics, "threads": args.threads,
         "batch_size": 1 if args.batch_size is None else args.batch_size, "prompt_chunk": args.prompt_chunk,
+        "interim_factor": args.interim_factor,
     }
     grid = parse_grid(raw, "eval options")
     if ray:

@@ -8,7 +8,7 @@ import torch
 
 from kvpress_like.budget import Budget
 from kvpress_like.decoding import decode_batch, parse_generation_options
-from kvpress_like.errors import UnsupportedInputError
+from kvpress_like.errors import ConfigError, UnsupportedInputError
 from kvpress_like.parts import Allocator, Scorer, Selector, WindowBuilder
 from kvpress_like.prefill import PrefillResult, compressed_prefill, feed
 from kvpress_like.progressive import progressive_prefill
@@ -61,19 +61,24 @@ class Pipeline:
         question_span: tuple[int, int] | None = None,
         chunk_size: int | None = None,
         prompt_chunk: int | None = None,
+        interim_factor: float = 1.0,
     ) -> PrefillResult:
         """Prefill ``input_ids`` ``[batch, L]`` and compress the cache in the same forward; logits of position L−1.
 
         ``chunk_size`` runs each layer's MLP on that many rows at a time (bounded activations; the same
         tokens are kept, see :func:`kvpress_like.prefill.compressed_prefill`). ``prompt_chunk`` feeds the
         prompt that many tokens at a time and compresses after each chunk (memory bounded by the budget and
-        the chunk, not the prompt; the streaming variant of the method, see :mod:`kvpress_like.progressive`).
+        the chunk, not the prompt; the streaming variant of the method, see :mod:`kvpress_like.progressive`), whose
+        intermediate rounds keep ``interim_factor`` × the budget.
         """
+        if prompt_chunk is None and interim_factor != 1.0:
+            raise ConfigError("interim_factor applies to a progressive prefill: give prompt_chunk too")
         if prompt_chunk is not None:
             if attention_mask is not None:
                 raise UnsupportedInputError("a progressive prefill (prompt_chunk) takes one unpadded batch; "
                                             "prefill padded batches without prompt_chunk")
-            result = progressive_prefill(model, input_ids, self, prompt_chunk, question_span, chunk_size)
+            result = progressive_prefill(model, input_ids, self, prompt_chunk, question_span, chunk_size,
+                                         interim_factor)
             self.last_report = result.report
             return result
         result = compressed_prefill(model, input_ids, self, attention_mask, question_span, chunk_size)
@@ -91,6 +96,7 @@ class Pipeline:
         max_new_tokens: int = 32,
         chunk_size: int | None = None,
         prompt_chunk: int | None = None,
+        interim_factor: float = 1.0,
         **generation_kwargs: Any,
     ) -> str | list[str]:
         """Compress and answer; the report of the compression is left in ``self.last_report``.
@@ -98,9 +104,9 @@ class Pipeline:
         Question-aware: the question is inside the compressed prompt (DapQ's protocol). Query-agnostic:
         only the context is compressed and the question is fed after it (kvpress's protocol).
         A list of contexts (and of questions) runs as one left-padded batch, each sequence compressed and
-        answered as if alone; the answers come back as a list. ``chunk_size`` and ``prompt_chunk`` chunk the
-        prefill (see :meth:`prefill`). Options: ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``,
-        ``stop_at_eos``.
+        answered as if alone; the answers come back as a list. ``chunk_size``, ``prompt_chunk`` and
+        ``interim_factor`` chunk the prefill (see :meth:`prefill`). Options: ``do_sample``, ``temperature``,
+        ``top_k``, ``top_p``, ``seed``, ``stop_at_eos``.
         """
         options = parse_generation_options(generation_kwargs)
         contexts, questions = _as_batch(context, question)
@@ -110,12 +116,12 @@ class Pipeline:
             spans = [p.question_span for p in prompts]
             result = self.prefill(model, ids, mask if len(prompts) > 1 else None,
                                   question_span=spans if len(prompts) > 1 else spans[0], chunk_size=chunk_size,
-                                  prompt_chunk=prompt_chunk)
+                                  prompt_chunk=prompt_chunk, interim_factor=interim_factor)
             logits = result.next_token_logits
         else:
             ids, mask = left_padded([p.input_ids[0, : p.context_length] for p in prompts])
             result = self.prefill(model, ids, mask if len(prompts) > 1 else None, chunk_size=chunk_size,
-                                  prompt_chunk=prompt_chunk)
+                                  prompt_chunk=prompt_chunk, interim_factor=interim_factor)
             rest, rest_mask = left_padded([p.input_ids[0, p.context_length :] for p in prompts])
             logits = feed(model, result.cache, rest.to(model.device), attention_mask=rest_mask)
         answers = decode_batch(model, result.cache, logits, max_new_tokens, options, eos_ids(model, tokenizer))

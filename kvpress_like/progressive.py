@@ -11,9 +11,10 @@ What each round scores with: the method's own window, planned on the prompt *so 
 with this chunk; a question span counts once it is inside the prefix), restricted to the rows of this
 chunk and the appended rows (earlier chunks' rows are gone). SnapKV's window is thus the chunk's last rows;
 DapQ's pseudo queries sit right after the prefix. Intermediate rounds keep the layer's budget on every
-head (uniformly); the last round runs the method's allocator on what survived, with the method's real
-window. So this is not the same method as an unchunked prefill: it keeps the same number of tokens, and
-the same tokens whenever the prompt fits one chunk or the budget holds the whole prompt; in between it is
+head (uniformly; ``interim_factor`` times it if asked); the last round runs the method's allocator on what
+survived, with the method's real window. So this is not the same method as an unchunked prefill: it keeps
+the same number of tokens, and the same tokens whenever the prompt fits one chunk or the budget (the
+interim one included) holds the whole prompt before the last chunk; in between it is
 the streaming variant of the method (compress-as-you-go in a fixed cache, as InfiniPot, Kim et al. 2024).
 Scorers that read the prompt's hidden states (Expected Attention) and windows that copy the whole prompt
 (KVzip's reconstruction) cannot stream and are refused.
@@ -21,6 +22,7 @@ Scorers that read the prompt's hidden states (Expected Attention) and windows th
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -32,7 +34,7 @@ from kvpress_like.allocators import UniformAllocator
 from kvpress_like.attention import compressed_attention
 from kvpress_like.cache import CompressedCache
 from kvpress_like.compressor import LayerCompressor
-from kvpress_like.errors import UnsupportedInputError
+from kvpress_like.errors import ConfigError, UnsupportedInputError
 from kvpress_like.parts import WindowPlan
 from kvpress_like.plugins import get_plugin_manager
 from kvpress_like.prefill import (
@@ -91,16 +93,19 @@ class RoundCompressor(LayerCompressor):
 
 @torch.no_grad()
 def progressive_prefill(
-    model, input_ids: torch.Tensor, pipeline, prompt_chunk: int, question_span=None, chunk_size: int | None = None
+    model, input_ids: torch.Tensor, pipeline, prompt_chunk: int, question_span=None, chunk_size: int | None = None,
+    interim_factor: float = 1.0,
 ) -> PrefillResult:
     """Prefill ``input_ids`` ``[batch, L]`` about ``prompt_chunk`` tokens at a time, compressing after each chunk.
 
     The first chunk takes the remainder (``L mod prompt_chunk``), so the last chunk, whose round uses the
-    method's real window, is a whole one.
+    method's real window, is a whole one. Intermediate rounds keep ``interim_factor`` × each layer's budget
+    (≥ 1: more memory, fewer tokens dropped before the last chunk — where a question usually is — is seen).
     """
     check_inputs(input_ids, None)
     check_chunk_size(prompt_chunk)
     check_chunk_size(chunk_size)
+    check_interim_factor(interim_factor)
     _check_streams(pipeline)
     adapter = get_adapter(model)
     input_ids = input_ids.to(model.device)
@@ -108,6 +113,7 @@ def progressive_prefill(
     cache = CompressedCache(model.config)
     whole = make_compressor(pipeline, model, adapter, input_ids, question_span, cache, target=None)
     report, positions, spent = whole.report, {}, {}
+    interim = {layer: math.ceil(budget * interim_factor) for layer, budget in whole.budgets.items()}
     sliding = [i for i, layer in enumerate(cache.layers) if getattr(layer, "is_sliding", False)]
     ends = sorted({length - k * prompt_chunk for k in range(-(-length // prompt_chunk))})
     started, chunk_start, logits = time.perf_counter(), 0, None
@@ -118,7 +124,8 @@ def progressive_prefill(
         local = _local_plan(plan, chunk_start)
         job = RoundCompressor(
             plan=local, target=None, scorer=pipeline.scorer, selector=pipeline.selector,
-            allocator=pipeline.allocator if final else UniformAllocator(), budgets=whole.budgets, report=report,
+            allocator=pipeline.allocator if final else UniformAllocator(),
+            budgets=whole.budgets if final else interim, report=report,
             pipeline=pipeline, rope_at=adapter.rope_at, local_plan=local, positions=positions, spent=spent,
             chunk_start=chunk_start, final=final,
         )
@@ -148,6 +155,12 @@ def progressive_prefill(
     hand_over(model, cache)
     get_plugin_manager().hook.prefill_compressed(report=report, pipeline=pipeline)
     return PrefillResult(cache, logits, report)
+
+
+def check_interim_factor(interim_factor: float) -> None:
+    if isinstance(interim_factor, bool) or not isinstance(interim_factor, int | float) or not interim_factor >= 1:
+        raise ConfigError(f"interim_factor must be a number ≥ 1 (the share of each layer's budget kept between "
+                          f"chunks: 1 = the budget, 2 = twice it), got {interim_factor!r}")
 
 
 def why_not_streaming(pipeline) -> str | None:

@@ -134,3 +134,31 @@ def test_a_padded_batch_is_refused_with_the_alternative():
     mask[0, :10] = 0
     with pytest.raises(UnsupportedInputError, match="without prompt_chunk"):
         build("snapkv", budget=20).prefill(_model("llama"), ids, mask, prompt_chunk=30)
+
+
+@SETTINGS
+@given(method=st.sampled_from(["snapkv", "dapq", "dapq_plus", "pyramidkv", "ada_dapq", "tova"]),
+       length=st.integers(160, 260), chunk=st.integers(40, 90))
+def test_an_interim_budget_that_holds_the_prompt_makes_the_last_round_the_one_pass_selection(method, length, chunk):
+    """Keeping every row between chunks leaves the last round the whole prompt and the method's real window (inside
+    the last chunk or appended): the one-pass prefill's tokens, whatever the chunks."""
+    model, ids = _model("llama"), random_ids(length, seed=length + chunk)
+    one_pass = _pipeline(method, "25%").prefill(model, ids)
+    progressive = _pipeline(method, "25%").prefill(model, ids, prompt_chunk=chunk, interim_factor=length)
+    for layer, report in one_pass.report.layers.items():
+        for got, want in zip(_kept(progressive.report.layers[layer]), _kept(report), strict=True):
+            assert torch.equal(got, want)
+    assert progressive.report.cache_bytes_after == one_pass.report.cache_bytes_after
+
+
+def test_a_larger_interim_budget_holds_more_between_chunks_and_is_checked():
+    model, ids = _model("llama"), random_ids(240, seed=9)
+    tight = build("snapkv", budget=40).prefill(model, ids, prompt_chunk=60)
+    loose = build("snapkv", budget=40).prefill(model, ids, prompt_chunk=60, interim_factor=2)
+    assert loose.report.peak_cache_bytes > tight.report.peak_cache_bytes
+    assert loose.report.cache_bytes_after == tight.report.cache_bytes_after
+    for bad in (0.5, True, "2"):
+        with pytest.raises(ConfigError, match="interim_factor must be a number"):
+            build("snapkv", budget=40).prefill(model, ids, prompt_chunk=60, interim_factor=bad)
+    with pytest.raises(ConfigError, match="give prompt_chunk too"):
+        build("snapkv", budget=40).prefill(model, ids, interim_factor=2)

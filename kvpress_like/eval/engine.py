@@ -158,6 +158,7 @@ def evaluate_batch(
     attention_metrics: bool = True,
     batch: bool = True,
     prompt_chunk: int | None = None,
+    interim_factor: float = 1.0,
 ) -> list[SampleResult]:
     """:func:`evaluate_sample` for several samples whose prompts share one left-padded prompt forward.
 
@@ -166,10 +167,12 @@ def evaluate_batch(
     result's ``seconds`` counts an equal share of the batch's prefill). If a candidate cannot run on one
     of the prompts, the samples run one at a time, so that the error lands on that sample only.
     ``prompt_chunk``: every candidate runs a progressive prefill (:mod:`kvpress_like.progressive`), one
-    pipeline and one sample at a time (the reference stays a plain prefill).
+    pipeline and one sample at a time (the reference stays a plain prefill), keeping ``interim_factor`` × the
+    budget between chunks.
     """
     options = dict(answer_prefix=answer_prefix, max_new_tokens=max_new_tokens,
-                   attention_metrics=attention_metrics, batch=batch, prompt_chunk=prompt_chunk)
+                   attention_metrics=attention_metrics, batch=batch, prompt_chunk=prompt_chunk,
+                   interim_factor=interim_factor)
     if protocol == "question_aware":  # each question compresses its own prompt
         contexts = [[question] for sample in samples for question in sample.questions()]
     else:  # the questions of a sample share its compressed context
@@ -207,7 +210,7 @@ def _evaluate_contexts(model, tokenizer, contexts, protocol, candidates, options
         runnable = [c for c in candidates if errors[0][id(c)] is None]
         per_context = [_prefill(model, heads[0], [reference_pipeline()] + [c.pipeline for c in runnable], spans[0],
                                 windows if options["attention_metrics"] else None, errors[0], runnable,
-                                options["prompt_chunk"])]
+                                options["prompt_chunk"], options["interim_factor"])]
     prefill_share = (time.perf_counter() - started) / len(contexts)
     out = []
     for b, (questions, group, results) in enumerate(zip(contexts, prompts, per_context, strict=True)):
@@ -321,7 +324,7 @@ class _null:
         return False
 
 
-def _prefill(model, head, pipelines, span, windows, errors, runnable, prompt_chunk=None):
+def _prefill(model, head, pipelines, span, windows, errors, runnable, prompt_chunk=None, interim_factor=1.0):
     """``prefill_many`` with window recording; if the shared run fails, each pipeline runs on its own (always,
     with ``prompt_chunk``: progressive prefills share no forward)."""
     with _recording(pipelines[1:], windows):
@@ -333,7 +336,8 @@ def _prefill(model, head, pipelines, span, windows, errors, runnable, prompt_chu
         results = prefill_many(model, head, pipelines[:1], question_span=span)
         for candidate, pipeline in zip(runnable, pipelines[1:], strict=True):
             try:
-                results.append(pipeline.prefill(model, head, question_span=span, prompt_chunk=prompt_chunk))
+                results.append(pipeline.prefill(model, head, question_span=span, prompt_chunk=prompt_chunk,
+                                                interim_factor=interim_factor))
             except Exception as error:
                 errors[id(candidate)] = f"{type(error).__name__}: {error}"
                 results.append(None)

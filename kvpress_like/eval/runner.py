@@ -110,6 +110,8 @@ class GridConfig(BaseModel):
     batch_size: int = Field(1, ge=1, description="samples whose prompts share one (left-padded) prompt forward")
     prompt_chunk: int | None = Field(None, ge=1, description="progressive prefill of every method, in prompt chunks "
                                      "of this many tokens (kvpress_like.progressive)")
+    interim_factor: float = Field(1.0, ge=1, description="with prompt_chunk: each layer's budget × this is kept "
+                                  "between chunks")
     threads: int | None = None
 
     @field_validator("tasks", mode="before")
@@ -156,7 +158,7 @@ class GridConfig(BaseModel):
     def identity(self) -> dict[str, Any]:
         """What must not change between a run and its resumption."""
         return {k: getattr(self, k) for k in ("model", "dtype", "answer_prefix", "max_new_tokens", "data",
-                                              "prompt_chunk")}
+                                              "prompt_chunk", "interim_factor")}
 
 
 def load_grid(path: str | Path, **overrides: Any) -> GridConfig:
@@ -389,6 +391,7 @@ def run_units(model, tokenizer, grid: GridConfig, units: list[Unit]) -> list[dic
         model, tokenizer, [unit.sample for unit in units], units[0].protocol, candidates,
         answer_prefix=grid.answer_prefix, max_new_tokens=grid.max_new_tokens,
         attention_metrics=grid.attention_metrics, batch=grid.batch, prompt_chunk=grid.prompt_chunk,
+        interim_factor=grid.interim_factor,
     )
     return [_record(unit, result, configs) for unit, result in zip(units, results, strict=True)]
 
