@@ -153,6 +153,11 @@ class CompressedCache(DynamicCache):
         return keys.shape[0] * keys.shape[1] * (keys.shape[-1] * keys.element_size()
                                                 + values.shape[-1] * values.element_size())
 
+    def uncompressed_nbytes(self, length: int, compressed: set[int] | dict) -> int:
+        """Bytes this cache would hold had every layer in ``compressed`` kept all ``length`` tokens."""
+        return sum(self.token_nbytes(i) * length if i in compressed else self.layer_nbytes(i)
+                   for i in range(len(self.layers)))
+
     def nbytes(self) -> int:
         """Bytes of key and value tensors really held."""
         return sum(self.layer_nbytes(i) for i in range(len(self.layers)))

@@ -145,10 +145,7 @@ def progressive_prefill(
         layer_report.seconds = spent[i]
     report.seconds = sum(spent.values())
     report.prefill_seconds = time.perf_counter() - started - report.seconds
-    report.cache_bytes_before = sum(
-        cache.token_nbytes(i) * length if i in whole.budgets else cache.layer_nbytes(i)
-        for i in range(len(cache.layers))
-    )
+    report.cache_bytes_before = cache.uncompressed_nbytes(length, whole.budgets)
     report.cache_bytes_after = cache.nbytes()
     report.peak_cache_bytes = cache.peak_nbytes
     report.chunk_size, report.prompt_chunk = chunk_size, prompt_chunk

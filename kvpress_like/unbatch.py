@@ -16,7 +16,7 @@ import torch
 
 from kvpress_like.cache import CompressedCache
 from kvpress_like.errors import UnsupportedInputError
-from kvpress_like.prefill import PrefillResult
+from kvpress_like.prefill import PrefillResult, hand_over
 from kvpress_like.ragged import RaggedLayer
 from kvpress_like.report import CompressionReport, LayerReport
 
@@ -57,13 +57,10 @@ def _sequence_cache(model, batch_cache: CompressedCache, b: int, pad: int, lengt
             twin.keys, twin.values = layer.keys[b : b + 1, :, first:], layer.values[b : b + 1, :, first:]
             twin.cumulative_length = length
             cache.layers[i] = twin
-        elif batch_cache.evicted.get(i, 0) and pad:
-            raise UnsupportedInputError(f"layer {i} of this padded cache lost rows without being stored per sequence")
-        else:
+        else:  # dense: an unpadded batch, or a layer left whole (a padded prefill stores pruned layers ragged)
             cache.replace_layer(i, layer.keys[b : b + 1, :, pad:], layer.values[b : b + 1, :, pad:],
                                 seen=length)
-    ragged = any(isinstance(layer, RaggedLayer) for layer in cache.layers)
-    cache.own_masks = ragged or any(evicted > 0 for evicted in cache.evicted.values())
+    hand_over(model, cache)
     return cache
 
 
@@ -76,12 +73,10 @@ def _sequence_report(report: CompressionReport, b: int, cache: CompressedCache) 
                        layer.seconds)
         for i, layer in report.layers.items()
     }
-    before = sum(
-        cache.token_nbytes(i) * length if i in layers else cache.layer_nbytes(i) for i in range(len(cache.layers))
-    )
     return dataclasses.replace(
         report, prompt_length=length, budget=report.budget[b] if padded else report.budget, layers=layers,
-        cache_bytes_before=before, cache_bytes_after=cache.nbytes(), sequence_lengths=None,
+        cache_bytes_before=cache.uncompressed_nbytes(length, layers), cache_bytes_after=cache.nbytes(),
+        sequence_lengths=None,
     )
 
 
