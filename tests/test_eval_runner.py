@@ -307,6 +307,12 @@ def test_a_grid_of_progressive_prefills_records_each_method_or_why_it_cannot_str
                                                                                  b["recall_layers"])
                 assert a["kl"] == pytest.approx(b["kl"], abs=1e-6)
     run_grid(_grid(methods=methods, samples=2, prompt_chunk=64), tmp_path / "small", model, tokenizer, progress=False)
+    run_grid(_grid(methods=methods, samples=2, prompt_chunk=64, batch_size=2), tmp_path / "batched", model, tokenizer,
+             progress=False)  # progressive prefills share no forward: a batch runs its samples one by one
+    for alone, batched in zip(*(read_cells(tmp_path / n / "cells.jsonl") for n in ("small", "batched")), strict=True):
+        assert [r["answer"] for r in alone["rows"] if r["error"] is None] == [
+            r["answer"] for r in batched["rows"] if r["error"] is None]
+        assert "prefill_batch" not in batched["reference"]["timing"]
     for record in read_cells(tmp_path / "small" / "cells.jsonl"):
         rows = {row["method"]: row for row in record["rows"]}
         assert "reads the whole prompt's hidden states" in rows["expected_attention"]["error"]

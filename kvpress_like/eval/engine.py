@@ -192,6 +192,8 @@ def evaluate_batch(
 def _evaluate_contexts(model, tokenizer, contexts, protocol, candidates, options) -> list[list[SampleResult]]:
     """Per compressed context (a list of questions sharing it): one result per question."""
     check_protocol(protocol)
+    if len(contexts) > 1 and options["prompt_chunk"]:  # progressive prefills share no forward
+        return [_evaluate_contexts(model, tokenizer, [c], protocol, candidates, options)[0] for c in contexts]
     started = time.perf_counter()
     prompts = [[prepare(tokenizer, q, protocol, options["answer_prefix"]) for q in questions] for questions in contexts]
     heads = [_shared_head(model, questions[0], group) for questions, group in zip(contexts, prompts, strict=True)]
@@ -200,7 +202,7 @@ def _evaluate_contexts(model, tokenizer, contexts, protocol, candidates, options
               for head, span in zip(heads, spans, strict=True)]
     windows: dict[tuple[str, int], dict[int, torch.Tensor]] = {}
     if len(contexts) > 1:
-        if options["prompt_chunk"] or any(error is not None for found in errors for error in found.values()):
+        if any(error is not None for found in errors for error in found.values()):
             return [_evaluate_contexts(model, tokenizer, [c], protocol, candidates, options)[0] for c in contexts]
         per_context = _prefill_batch(model, heads, candidates, spans, windows if options["attention_metrics"] else None)
         if per_context is None:  # the shared forward failed: one at a time, so each error lands on its sample
