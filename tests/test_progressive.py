@@ -162,3 +162,11 @@ def test_a_larger_interim_budget_holds_more_between_chunks_and_is_checked():
             build("snapkv", budget=40).prefill(model, ids, prompt_chunk=60, interim_factor=bad)
     with pytest.raises(ConfigError, match="give prompt_chunk too"):
         build("snapkv", budget=40).prefill(model, ids, interim_factor=2)
+
+
+def test_a_window_that_cannot_be_planned_on_a_prefix_is_refused_with_the_alternative():
+    """The question window needs the question, which an early chunk's prefix does not hold yet."""
+    ids = random_ids(120, seed=2)
+    pipeline = build("dapq", budget=40, window="question")
+    with pytest.raises(UnsupportedInputError, match="cannot plan one of 40 tokens.*without prompt_chunk"):
+        pipeline.prefill(_model("llama"), ids, question_span=(100, 110), prompt_chunk=40)
