@@ -95,14 +95,19 @@ class LayerCompressor:
         if selection is None:
             return None
         kept, keys, values = selection
-        length = self.plan.prompt_length
-        self.full_layer_bytes[layer_idx] = 2 * layer.keys[:, :, :length].numel() * layer.keys.element_size()
+        self._store(source, layer_idx, keys, values)
+        return kept
+
+    def _store(self, source: CompressedCache, layer_idx: int, keys, values) -> None:
+        """Write a layer's kept rows (dense tensors, or per (sequence, head) lists) to the target, noting the
+        bytes its full prompt rows took in ``source``."""
+        length, full = self.plan.prompt_length, source.layers[layer_idx].keys
+        self.full_layer_bytes[layer_idx] = 2 * full[:, :, :length].numel() * full.element_size()
         target = self.target if self.target is not None else source
         if isinstance(keys, torch.Tensor):
             target.replace_layer(layer_idx, keys, values, seen=length)
         else:
             target.replace_with_ragged(layer_idx, RaggedLayer(keys, values), seen=length)
-        return kept
 
     def _select_when_complete(self, module, layer_idx: int, all_keys, all_values, kwargs, start: int):
         """:meth:`select` once every row it needs has gone through; before that, keep this forward's window rows
@@ -245,12 +250,7 @@ class PaddedBatchCompressor(LayerCompressor):
             return None
         del self.selected[layer_idx]
         kept, keys, values = zip(*(done[b] for b in range(len(self.sequences))), strict=True)
-        length = self.plan.prompt_length
-        self.full_layer_bytes[layer_idx] = 2 * layer.keys[:, :, :length].numel() * layer.keys.element_size()
-        target = self.target if self.target is not None else source
-        target.replace_with_ragged(
-            layer_idx, RaggedLayer([list(k[0]) for k in keys], [list(v[0]) for v in values]), seen=length
-        )
+        self._store(source, layer_idx, [list(k[0]) for k in keys], [list(v[0]) for v in values])
         return [list(k[0]) for k in kept]
 
 
