@@ -222,6 +222,8 @@ def test_grid_refuses_to_mix_settings_and_names_bad_entries(toy, tmp_path):
         parse_grid({"budgets": ["150%"]})
     with pytest.raises(ConfigError, match="batch_size: Input should be greater than or equal to 1"):
         parse_grid({"batch_size": 0})
+    with pytest.raises(ConfigError, match="interim_factor applies to progressive prefills: set prompt_chunk too"):
+        parse_grid({"interim_factor": 2})
     with pytest.raises(ConfigError, match="dapq"):  # the unknown method's error names the valid ones
         run_grid(_grid(methods=["nope"]), tmp_path / "other", model, tokenizer, progress=False)
 

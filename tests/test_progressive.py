@@ -168,5 +168,5 @@ def test_a_window_that_cannot_be_planned_on_a_prefix_is_refused_with_the_alterna
     """The question window needs the question, which an early chunk's prefix does not hold yet."""
     ids = random_ids(120, seed=2)
     pipeline = build("dapq", budget=40, window="question")
-    with pytest.raises(UnsupportedInputError, match="cannot plan one of 40 tokens.*without prompt_chunk"):
+    with pytest.raises(UnsupportedInputError, match=r"cannot plan one of 40 tokens.*without prompt_chunk"):
         pipeline.prefill(_model("llama"), ids, question_span=(100, 110), prompt_chunk=40)

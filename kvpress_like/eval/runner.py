@@ -35,7 +35,7 @@ from typing import Any, Literal, NamedTuple, TypeVar
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kvpress_like.budget import Budget
 from kvpress_like.errors import ConfigError
@@ -137,6 +137,12 @@ class GridConfig(BaseModel):
             except ValidationError as error:
                 raise ValueError(f"invalid budget {budget!r}: {error.errors()[0]['msg']}") from None
         return value
+
+    @model_validator(mode="after")
+    def _interim_needs_chunks(self):
+        if self.interim_factor != 1.0 and self.prompt_chunk is None:
+            raise ValueError("interim_factor applies to progressive prefills: set prompt_chunk too")
+        return self
 
     def method_entries(self) -> list[MethodEntry]:
         """Methods, multiplied by ``windows`` when given (``null`` keeps the method's own window)."""
