@@ -228,6 +228,19 @@ def test_grid_refuses_to_mix_settings_and_names_bad_entries(toy, tmp_path):
         run_grid(_grid(methods=["nope"]), tmp_path / "other", model, tokenizer, progress=False)
 
 
+def test_a_run_recorded_before_a_setting_existed_resumes_when_the_setting_has_its_default(toy, tmp_path):
+    model, tokenizer = toy
+    run_grid(_grid(samples=1), tmp_path, model, tokenizer, progress=False)
+    stored = json.loads((tmp_path / "grid.json").read_text())
+    del stored["identity"]["interim_factor"]  # as written by a version without the setting
+    (tmp_path / "grid.json").write_text(json.dumps(stored))
+    run_grid(_grid(samples=2), tmp_path, model, tokenizer, progress=False)
+    assert len(read_cells(tmp_path / "cells.jsonl")) == 2
+    (tmp_path / "grid.json").write_text(json.dumps(stored))
+    with pytest.raises(ConfigError, match="interim_factor"):
+        run_grid(_grid(samples=2, prompt_chunk=64, interim_factor=2), tmp_path, model, tokenizer, progress=False)
+
+
 def test_windows_axis_multiplies_methods():
     grid = _grid(methods=["full", "dapq"], windows=[None, "suffix", {"name": "semantic", "position_start": 5}])
     names = [e.name for e in grid.method_entries()]

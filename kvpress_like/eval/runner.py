@@ -487,7 +487,10 @@ def _check_identity(grid: GridConfig, out: Path) -> None:
     identity = grid.identity()
     if path.is_file():
         previous = json.loads(path.read_text()).get("identity", {})
-        changed = {k: (previous.get(k), v) for k, v in identity.items() if previous.get(k) != v}
+        # A setting added after the run was recorded had its default then.
+        defaults = {k: type(grid).model_fields[k].default for k in identity}
+        changed = {k: (previous.get(k, defaults[k]), v) for k, v in identity.items()
+                   if previous.get(k, defaults[k]) != v}
         if changed and (out / CELLS_FILE).is_file():
             raise ConfigError(
                 f"{out} holds results of a grid with other settings {changed}; use another output folder "
