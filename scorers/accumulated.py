@@ -2,7 +2,7 @@
 
 Zhang et al. 2023, "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language
 Models". The causal attention of all prompt queries is summed per key, in chunks of queries so memory
-stays O(chunk × L) per layer. ``aggregation="mean"`` divides by the number of queries that see each key
+stays bounded per layer (see :func:`~kvpress_like.scorers.attention.rows_per_step`). ``aggregation="mean"`` divides by the number of queries that see each key
 (kvpress's observed-attention variant), which removes the bias towards early tokens.
 """
 
@@ -19,7 +19,8 @@ from kvpress_like.scorers.attention import received_attention, reduce_group
 
 
 class AccumulatedConfig(PartConfig):
-    chunk: int = Field(256, ge=1, description="queries per chunk (memory is O(chunk × L))")
+    chunk: int = Field(256, ge=1, description="most queries per chunk (fewer when the keys are many: one chunk holds "
+                       "at most 2^22 probabilities)")
     aggregation: Literal["sum", "mean"] = Field("sum", description="sum (H2O) or mean over the queries seeing a key")
     gqa: Literal["mean", "max", "all_heads"] = Field("mean", description="reduction over query heads")
 

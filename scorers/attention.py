@@ -4,9 +4,10 @@ This is the score of SnapKV (Li et al. 2024, window = last prompt tokens, pooled
 2024, window = the last token, averaged over all heads), of DapQ (Tian et al. 2026, arXiv 2603.11564,
 Eq. 4: sum over pseudo queries of post-RoPE softmax attention) and of KVzip (Kim et al. 2025, arXiv
 2505.23416, §3.2: the largest attention a key receives from any reconstruction query of its KV group,
-``aggregation="max"``, ``gqa="max"``). The window's queries are scored ``block`` rows at a time, so
-memory is O(block × T) per layer however long the window (a KVzip reconstruction has ~L rows): no
-L × L matrix is ever built.
+``aggregation="max"``, ``gqa="max"``). The window's queries are scored at most ``block`` rows at a time,
+and fewer when the keys are many, so one step's attention never holds more than :data:`STEP_ENTRIES`
+probabilities however long the prompt or the window (a KVzip reconstruction has ~L rows): no L × L
+matrix is ever built.
 """
 
 from __future__ import annotations
@@ -73,14 +74,27 @@ def reduce_group(scores: torch.Tensor, how: str) -> torch.Tensor:
     return scores.mean(dim=2) if how == "mean" else scores.amax(dim=2)
 
 
+STEP_ENTRIES = 1 << 22
+"""Most attention probabilities one scoring step holds (16 MiB in fp32): at 32k keys and 4 query heads, 32 rows."""
+
+
+def rows_per_step(ctx: LayerContext, block: int) -> int:
+    """Window rows scored together: ``block``, or fewer so that a step holds at most :data:`STEP_ENTRIES`."""
+    batch, q_heads = ctx.queries.shape[:2]
+    per_row = batch * q_heads * ctx.keys.shape[2]
+    return max(1, min(block, STEP_ENTRIES // max(per_row, 1)))
+
+
 def received_attention(
     ctx: LayerContext, how: Literal["sum", "mean", "max"], block: int, domain: Literal["visible", "prompt"] = "visible"
 ) -> torch.Tensor:
     """Attention each prompt key receives from the window's queries, ``[batch, kv_heads, group, L]``.
 
-    Summed, averaged or maximised over the queries, ``block`` queries at a time (O(block × T) memory).
+    Summed, averaged or maximised over the queries, :func:`rows_per_step` queries at a time (memory bounded
+    by ``block`` rows and by :data:`STEP_ENTRIES`, whichever is smaller).
     """
     window = ctx.queries.shape[2]
+    block = rows_per_step(ctx, block)
     total = None
     for start in range(0, max(window, 1), block):
         part = dataclasses.replace(
@@ -108,7 +122,8 @@ class AttentionConfig(PartConfig):
     softmax_domain: Literal["visible", "prompt"] = Field(
         "visible", description="visible: every key the query sees; prompt: prompt keys only"
     )
-    block: int = Field(256, ge=1, description="window queries scored at a time (memory O(block × keys))")
+    block: int = Field(256, ge=1, description="most window queries scored at a time (fewer when the keys are many: "
+                       "one step holds at most 2^22 probabilities)")
 
     @model_validator(mode="after")
     def _odd_kernel(self):

@@ -176,6 +176,23 @@ def test_scoring_holds_one_block_of_queries_at_a_time(monkeypatch):
     assert max(seen) == 16 and sum(seen) == 100
 
 
+def test_scoring_steps_stay_under_the_entry_bound_when_the_keys_are_many(monkeypatch):
+    seen = []
+    original = attention.window_attention
+
+    def spy(ctx, domain="visible"):
+        seen.append(ctx.queries.shape[0] * ctx.queries.shape[1] * ctx.queries.shape[2] * ctx.keys.shape[2])
+        return original(ctx, domain)
+
+    ctx = context(window=100, total=150, prompt=50)
+    full = attention_scores(ctx, AttentionConfig(aggregation="max", block=256))
+    monkeypatch.setattr(attention, "STEP_ENTRIES", 2 * ctx.queries.shape[1] * 150 * 7)  # 14 rows of 150 keys
+    monkeypatch.setattr(attention, "window_attention", spy)
+    bounded = attention_scores(ctx, AttentionConfig(aggregation="max", block=256))
+    assert len(seen) == 8 and max(seen) <= attention.STEP_ENTRIES  # ceil(100 / 14) steps
+    assert torch.equal(bounded, full)
+
+
 def test_default_attention_scores_are_unchanged():
     """Windows up to the default block are scored in one piece: exactly the previous formula."""
     ctx = context(window=32, total=90, prompt=60, seed=3)

@@ -33,6 +33,14 @@ def test_a_compressed_prefill_reports_what_it_held(cache_heavy_model):
     assert dapq["cache_bytes"] < dapq["peak_cache_bytes"] and dapq["peak_bytes"] > 0
 
 
+def test_the_resident_set_follows_live_memory_so_runs_agree_and_compression_shows(cache_heavy_model):
+    first, second = (measure_case(cache_heavy_model, "plain", 2048, "10%", threads=1) for _ in range(2))
+    assert "mmap threshold 65536 bytes" in first["measured"]
+    assert abs(first["peak_bytes"] - second["peak_bytes"]) <= 2**20
+    snapkv = measure_case(cache_heavy_model, "snapkv", 2048, "10%", chunk_size=512, threads=1)
+    assert snapkv["peak_bytes"] < first["peak_bytes"] - first["cache_bytes"] // 2  # most of the cache never existed
+
+
 def test_a_failing_case_says_what_failed(cache_heavy_model):
     with pytest.raises(RuntimeError, match="memory case no_such_method at 64 tokens failed"):
         measure_case(cache_heavy_model, "no_such_method", 64, "10%")

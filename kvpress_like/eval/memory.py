@@ -6,6 +6,13 @@ the warm-up (``/proc/self/clear_refs``) and read after the prefill; what it grew
 of the loaded, warmed-up model is the prefill's peak. On CUDA it is ``torch.cuda.max_memory_allocated``
 above the allocation before the prefill. Memory freed by one case never hides another case's peak,
 because no two cases share a process.
+
+On CPU the child runs with glibc's mmap threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_``). By default
+glibc raises that threshold after large frees and then serves tensors of up to 32 MiB from its heap, where
+freed buffers stay resident: the peak then counts memory that is free but not returned, and repeated runs of
+one case differed by up to 2× (138 and 268 MiB). With the threshold fixed, every tensor of 64 KiB or more is
+mapped on allocation and unmapped on free, so the resident set follows the live tensors (as
+``max_memory_allocated`` does on CUDA) and repeated runs agree to the MiB.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 PLAIN = "plain"
+MMAP_THRESHOLD = 64 * 1024  # bytes: allocations this large are mmapped, so freed tensors leave the resident set
 
 
 def _status_kib(field: str) -> int:
@@ -31,6 +39,12 @@ def _status_kib(field: str) -> int:
 
 def _reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+
+
+def _rss_description() -> str:
+    threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    allocator = f"glibc mmap threshold {threshold} bytes" if threshold else "glibc's default (dynamic) mmap threshold"
+    return f"peak resident set (VmHWM) above the loaded model, {allocator}"
 
 
 def run_case(model_name: str, method: str, length: int, budget: str, chunk_size: int | None, threads: int | None,
@@ -75,7 +89,7 @@ def run_case(model_name: str, method: str, length: int, budget: str, chunk_size:
     return {
         "method": method, "length": length, "budget": budget, "chunk_size": chunk_size, "prompt_chunk": prompt_chunk,
         "peak_bytes": peak, "cache_bytes": held, "peak_cache_bytes": peak_cache,
-        "measured": "cuda max_memory_allocated" if cuda else "peak resident set (VmHWM) above the loaded model",
+        "measured": "cuda max_memory_allocated" if cuda else _rss_description(),
     }
 
 
@@ -92,7 +106,8 @@ def measure_case(
         command += ["--threads", str(threads)]
     if prompt_chunk:
         command += ["--prompt-chunk", str(prompt_chunk)]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    env = {**os.environ, "TQDM_DISABLE": "1", "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"memory case {method} at {length} tokens failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
