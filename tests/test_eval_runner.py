@@ -241,6 +241,14 @@ def test_a_run_recorded_before_a_setting_existed_resumes_when_the_setting_has_it
         run_grid(_grid(samples=2, prompt_chunk=64, interim_factor=2), tmp_path, model, tokenizer, progress=False)
 
 
+def test_a_full_cache_only_grid_reports_the_full_cache_without_empty_tables(toy, tmp_path):
+    model, tokenizer = toy
+    run_grid(_grid(methods=["full"]), tmp_path, model, tokenizer, progress=False)
+    text = (tmp_path / "summary.md").read_text()
+    assert "Full cache: " in text and "the full cache's accuracy is the result" in text
+    assert "| method |  |" not in text and "**Retention" not in text
+
+
 def test_windows_axis_multiplies_methods():
     grid = _grid(methods=["full", "dapq"], windows=[None, "suffix", {"name": "semantic", "position_start": 5}])
     names = [e.name for e in grid.method_entries()]

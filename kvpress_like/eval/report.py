@@ -283,6 +283,10 @@ def markdown(grid, table: list[dict[str, Any]], b95: list[dict[str, Any]], timin
                 f"Full cache: {pct(full['accuracy'])}% [{pct(full['ci_low'])}–{pct(full['ci_high'])}], "
                 f"n = {full['n']}.", "",
             ]
+        if not methods:  # a full-cache-only grid (e.g. can the model do the task at all?)
+            lines.append("No compression method in this grid: the full cache's accuracy is the result.")
+            lines.append("")
+            continue
         header = ["| method | " + " | ".join(budgets) + " |", "| --- | " + " | ".join("---:" for _ in budgets) + " |"]
         lines += ["**Accuracy** (%); cost = (prefill + compression) / plain prefill, measured in the same run",
                   "", header[0][:-1] + "| B95 | cost |", header[1] + " ---: | ---: |"]
