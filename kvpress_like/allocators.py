@@ -125,8 +125,8 @@ class GlobalAllocator(HeadAdaptiveAllocator):
 
     The layer keeps ``heads × B`` tokens: every head its protected ones, the rest the best (head, token)
     scores of the whole layer, with no per-head floor (Ada-KV's allocator with α = 0). Layers keep equal
-    shares: KVzip's ranking across *layers* would need every layer's scores before the first is pruned,
-    which compress-as-you-go (each layer pruned inside the forward, before the next runs) rules out.
+    shares, so each layer is pruned inside the forward as soon as it is scored; KVzip's ranking across
+    *layers* is :class:`ModelGlobalAllocator`, which holds the full cache until every layer is scored.
     """
 
     name = "global"
@@ -137,6 +137,35 @@ class GlobalAllocator(HeadAdaptiveAllocator):
         return 0.0
 
 
+class ModelGlobalAllocator(UniformAllocator):
+    """KVzip's default budgets (Kim et al. 2025, arXiv 2505.23416): one top-k over every KV head of every layer.
+
+    The model keeps ``Σ layers × heads × B`` tokens: every head its protected ones, the rest the best
+    (layer, head, token) scores of the whole model, with no per-head or per-layer floor (kvpress's
+    ``KVzipPress`` without ``layerwise``). Scores must be comparable across layers (KVzip's largest attention
+    probability is). The ranking needs every layer's scores before any layer is pruned, so a prefill with this
+    allocator holds the prompt's full cache until its forward ends (its peak is an uncompressed prefill's
+    cache); the progressive prefill and left-padded batches refuse it.
+    """
+
+    name = "global_layers"
+    summary = "one top-k over every KV head of every layer, no floor (KVzip's default); holds the full cache while prefilling"
+    model_wide = True
+
+    def model_head_budgets(
+        self, scores: dict[int, torch.Tensor], layer_budgets: dict[int, int], protected: dict[int, torch.Tensor]
+    ) -> dict[int, torch.Tensor]:
+        layers = sorted(scores)
+        ranked = torch.stack([scores[i].float().masked_fill(protected[i], float("inf")) for i in layers], dim=1)
+        batch, n_layers, heads, length = ranked.shape  # [batch, layers, heads, L]
+        total = heads * sum(layer_budgets[i] for i in layers)
+        winners = ranked.reshape(batch, -1).topk(total, dim=-1).indices // length  # the (layer, head) slot of each
+        counts = torch.zeros(batch, n_layers * heads, dtype=torch.long, device=ranked.device)
+        counts.scatter_add_(1, winners, torch.ones_like(winners))
+        counts = counts.view(batch, n_layers, heads).cpu()
+        return {layer: counts[:, n] for n, layer in enumerate(layers)}
+
+
 @hookimpl
 def register_allocators():
-    return [UniformAllocator, FullAllocator, PyramidAllocator, HeadAdaptiveAllocator, GlobalAllocator]
+    return [UniformAllocator, FullAllocator, PyramidAllocator, HeadAdaptiveAllocator, GlobalAllocator, ModelGlobalAllocator]

@@ -54,6 +54,7 @@ class LayerCompressor:
     captured: dict[int, list[Inputs]] = field(default_factory=dict)
     prompt_inputs: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     full_layer_bytes: dict[int, int] = field(default_factory=dict)  # bytes each layer held uncompressed
+    deferred: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)  # model-wide
 
     @contextmanager
     def attached(self, modules: list[torch.nn.Module]):
@@ -63,6 +64,11 @@ class LayerCompressor:
         finally:
             for handle in handles:
                 handle.remove()
+
+    @property
+    def seconds_spent(self) -> float:
+        """Compression time so far: reported layers and layers waiting for a model-wide allocation."""
+        return sum(layer.seconds for layer in self.report.layers.values()) + sum(d[2] for d in self.deferred.values())
 
     @functools.cached_property
     def rows_needed(self) -> int:
@@ -82,9 +88,15 @@ class LayerCompressor:
         except Exception as error:
             error.add_note(f"kvpress_like: {self.pipeline.name!r} failed on layer {layer_idx}; no cache was returned")
             raise
-        if kept is None:  # an early forward: the layer is compressed by a later one
+        if kept is None:  # an early forward (compressed by a later one), or scored for a model-wide allocation
+            if layer_idx in self.deferred:
+                scores, protected, _ = self.deferred[layer_idx]
+                self.deferred[layer_idx] = (scores, protected, time.perf_counter() - started)
             return
-        layer_report = LayerReport(layer_idx, kept, self.budgets[layer_idx], time.perf_counter() - started)
+        self._report_layer(layer_idx, kept, time.perf_counter() - started)
+
+    def _report_layer(self, layer_idx: int, kept, seconds: float) -> None:
+        layer_report = LayerReport(layer_idx, kept, self.budgets[layer_idx], seconds)
         self.report.layers[layer_idx] = layer_report
         get_plugin_manager().hook.layer_compressed(layer_report=layer_report, pipeline=self.pipeline)
 
@@ -93,10 +105,44 @@ class LayerCompressor:
         layer = source.layers[layer_idx]
         selection = self._select_when_complete(module, layer_idx, layer.keys, layer.values, kwargs, start)
         if selection is None:
+            if layer_idx in self.deferred and self.target is None:  # in place: nobody else reads this layer
+                self._hold_prompt_rows(source, layer_idx)
             return None
         kept, keys, values = selection
         self._store(source, layer_idx, keys, values)
         return kept
+
+    def _hold_prompt_rows(self, source: CompressedCache, layer_idx: int) -> None:
+        """A layer waiting for the model-wide allocation keeps its prompt rows; its appended rows go now."""
+        layer, length = source.layers[layer_idx], self.plan.prompt_length
+        if layer.keys.shape[-2] > length:
+            keys, values = layer.keys[:, :, :length].clone(), layer.values[:, :, :length].clone()
+            source.replace_layer(layer_idx, keys, values, seen=length)
+
+    def finish(self, source: CompressedCache) -> None:
+        """Prune the layers a model-wide allocator waited for, now that every layer is scored (after the forward).
+
+        ``source`` holds their prompt rows; the kept rows go to the target (or back into ``source``).
+        """
+        if not self.deferred:
+            return
+        started = time.perf_counter()
+        layers = sorted(self.deferred)
+        counts = self.allocator.model_head_budgets(
+            {i: self.deferred[i][0] for i in layers}, {i: self.budgets[i] for i in layers},
+            {i: self.deferred[i][1] for i in layers},
+        )
+        ranking = (time.perf_counter() - started) / len(layers)
+        length = self.plan.prompt_length
+        for layer_idx in layers:
+            started = time.perf_counter()
+            scores, _, scoring = self.deferred.pop(layer_idx)
+            layer = source.layers[layer_idx]
+            kept, keys, values = self._select_counts(
+                scores, counts[layer_idx], self.budgets[layer_idx], layer.keys[:, :, :length], layer.values[:, :, :length]
+            )
+            self._store(source, layer_idx, keys, values)
+            self._report_layer(layer_idx, kept, scoring + ranking + time.perf_counter() - started)
 
     def _store(self, source: CompressedCache, layer_idx: int, keys, values) -> None:
         """Write a layer's kept rows (dense tensors, or per (sequence, head) lists) to the target, noting the
@@ -154,7 +200,8 @@ class LayerCompressor:
     def select(self, module, layer_idx: int, all_keys, all_values, kwargs, start: int):
         """Kept indices and the kept keys and values of one layer, from its rows ``all_keys``/``all_values``
         ``[batch, kv_heads, T, head_dim]`` (prompt, then any appended rows). Dense tensors when every
-        (sequence, head) keeps the same count; otherwise per (sequence, head) lists."""
+        (sequence, head) keeps the same count; otherwise per (sequence, head) lists. ``None`` under a model-wide
+        allocator: the scores wait for :meth:`finish`."""
         length, budget = self.plan.prompt_length, self.budgets[layer_idx]
         keys, values = all_keys[:, :, :length], all_values[:, :, :length]
         if budget >= length:  # nothing to evict: every prompt row stays, in order
@@ -162,7 +209,14 @@ class LayerCompressor:
             return kept, keys, values
         scores = self._scores(module, layer_idx, all_keys, all_values, kwargs, start)
         protected = self.selector.checked_protected_mask(length, budget, keys.device)
-        counts = self.allocator.head_budgets(scores, budget, protected)
+        if self.allocator.model_wide:  # selected by finish(), once every layer is scored
+            self.deferred[layer_idx] = (scores, protected, 0.0)
+            return None
+        return self._select_counts(scores, self.allocator.head_budgets(scores, budget, protected), budget, keys, values)
+
+    def _select_counts(self, scores, counts, budget: int, keys, values):
+        """Kept indices, keys and values for ``counts`` ``[batch, kv_heads]`` tokens per head (dense when all are
+        ``budget``)."""
         if bool((counts == budget).all()):
             kept = self.selector.select(scores, budget)
             _check_kept(kept, scores.shape, budget, type(self.selector).__name__)

@@ -131,6 +131,7 @@ class Allocator(Part):
 
     kind = "allocator"
     uses_budget: ClassVar[bool] = True
+    model_wide: ClassVar[bool] = False  # budgets shared across layers: every layer is scored before any is pruned
 
     def layer_budgets(self, num_layers: int, prompt_length: int, budget_tokens: int) -> list[int]:
         raise NotImplementedError
@@ -141,6 +142,13 @@ class Allocator(Part):
         ``scores`` is ``[batch, kv_heads, L]``; ``protected`` ``[L]`` marks tokens the selector always keeps.
         """
         return torch.full(scores.shape[:2], layer_budget, dtype=torch.long)
+
+    def model_head_budgets(
+        self, scores: dict[int, torch.Tensor], layer_budgets: dict[int, int], protected: dict[int, torch.Tensor]
+    ) -> dict[int, torch.Tensor]:
+        """Tokens per (sequence, KV head) of every layer, ``{layer: [batch, kv_heads]}``, from every layer's scores
+        (``model_wide`` allocators only); together they keep ``Σ kv_heads × layer_budgets[layer]`` tokens."""
+        raise NotImplementedError(f"{type(self).__name__} allocates layer by layer (model_wide is False)")
 
 
 class Selector(Part):

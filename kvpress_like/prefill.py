@@ -88,6 +88,7 @@ def compressed_prefill(
             stack.enter_context(position_wise_in_row_chunks(adapter, chunk_size))
         last_prompt_row = job.plan.prompt_length - 1
         logits = forward(model, cache, ids, positions, logits_row=last_prompt_row, attention_mask=forward_mask)
+    job.finish(cache)
     cache.track_peak = False
     job.report.seconds = sum(layer.seconds for layer in job.report.layers.values())
     job.report.prefill_seconds = time.perf_counter() - started - job.report.seconds
@@ -150,15 +151,15 @@ def prefill_many(
             stack.enter_context(job.attached(adapter.attention_modules()))
         logits = forward(model, shared, input_ids, prompt_and_window(input_ids, None, mask)[1], attention_mask=mask)
     shared.track_peak = False
-    prompt_seconds = time.perf_counter() - started - sum(
-        layer.seconds for job in jobs for layer in job.report.layers.values()
-    )
+    prompt_seconds = time.perf_counter() - started - sum(job.seconds_spent for job in jobs)
 
     groups: dict[tuple[str, str], list[LayerCompressor]] = {}
     for job, key in zip(jobs, keys, strict=True):
-        job.report.seconds = sum(layer.seconds for layer in job.report.layers.values())
         if job.plan.n_appended:  # the same window and scorer: one forward of the appended rows serves them all
             groups.setdefault(key, []).append(job)
+        else:
+            job.finish(shared)
+            job.report.seconds = job.seconds_spent
     for group in groups.values():
         started = time.perf_counter()
         with ExitStack() as stack:
@@ -166,6 +167,8 @@ def prefill_many(
                 stack.enter_context(job.attached(adapter.attention_modules()))
             forward(model, shallow_copy(shared), group[0].plan.appended_ids, group[0].plan.appended_positions,
                     attention_mask=None if mask is None else torch.cat([mask, _appended_valid(group[0])], dim=1))
+        for job in group:
+            job.finish(shared)
         for job in group:  # what each would cost alone: the shared forward and the scoring
             job.report.seconds = time.perf_counter() - started
     for job in jobs:
@@ -300,6 +303,11 @@ def _padded_batch_compressor(
         raise UnsupportedInputError(
             f"a padded batch of {batch} sequences needs question_span as a list of {batch} (start, end) tuples "
             "or None, each in its own sequence's positions (without the padding)"
+        )
+    if pipeline.allocator.model_wide:
+        raise UnsupportedInputError(
+            f"the {pipeline.allocator.name!r} allocator ranks every layer of a sequence together, which a left-padded "
+            "batch does not support: prefill these sequences one at a time (batch 1)"
         )
     pads = (length - mask.sum(dim=1)).tolist()
     memos = memos or [None] * batch

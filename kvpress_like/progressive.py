@@ -165,6 +165,9 @@ def why_not_streaming(pipeline) -> str | None:
     if getattr(pipeline.scorer, "reads_hidden_states", False):
         return (f"the {pipeline.scorer.name!r} scorer reads the whole prompt's hidden states, which a progressive "
                 "prefill never holds")
+    if pipeline.allocator.model_wide:
+        return (f"the {pipeline.allocator.name!r} allocator ranks every layer's scores of the whole prompt together, "
+                "so the full cache must exist before any layer is pruned")
     if not getattr(pipeline.window, "streams", True):
         return (f"the {pipeline.window.name!r} window appends rows that grow with the prompt (a copy of it), so a "
                 "progressive prefill would not save memory")

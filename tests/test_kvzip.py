@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvpress_like import build
-from kvpress_like.allocators import GlobalAllocator, HeadAdaptiveAllocator, HeadAdaptiveConfig
+from kvpress_like.allocators import GlobalAllocator, HeadAdaptiveAllocator, HeadAdaptiveConfig, ModelGlobalAllocator
 from kvpress_like.errors import ConfigError, UnsupportedInputError
 from kvpress_like.eval.engine import Candidate, evaluate_sample, reference_pipeline
 from kvpress_like.eval.protocols import prepare
@@ -240,6 +240,98 @@ def test_kvzip_cache_holds_exactly_the_kept_entries():
         assert bool(layer.kept_mask(90)[..., :4].all())
     logits = feed(model, result.cache, torch.randint(0, 256, (1, 5)))
     assert torch.isfinite(logits).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# The model-wide allocator (KVzip's default: one ranking over every layer)
+# ---------------------------------------------------------------------------------------------
+
+
+def naive_model_counts(scores: dict, budgets: dict, protected: dict) -> dict:
+    """Sort every (score, layer, head, token) of one sequence; the best Σ heads × budget win."""
+    entries = []
+    for layer, s in scores.items():
+        for h in range(s.shape[1]):
+            for t in range(s.shape[2]):
+                entries.append((float("inf") if protected[layer][t] else float(s[0, h, t]), layer, h))
+    heads = next(iter(scores.values())).shape[1]
+    entries.sort(key=lambda e: -e[0])
+    counts = {layer: [0] * heads for layer in scores}
+    for _, layer, h in entries[: heads * sum(budgets.values())]:
+        counts[layer][h] += 1
+    return counts
+
+
+@settings(max_examples=40, deadline=None)
+@given(layers=st.integers(1, 4), heads=st.integers(1, 3), length=st.integers(4, 30), budget=st.integers(1, 30),
+       sinks=st.integers(0, 3), seed=st.integers(0, 99))
+def test_model_wide_allocator_is_one_top_k_over_every_layer(layers, heads, length, budget, sinks, seed):
+    budget, sinks = min(budget, length), min(sinks, budget)
+    generator = torch.Generator().manual_seed(seed)
+    scores = {i: torch.rand(1, heads, length, generator=generator) for i in range(layers)}
+    protected = {i: torch.arange(length) < sinks for i in range(layers)}
+    budgets = dict.fromkeys(range(layers), budget)
+    counts = ModelGlobalAllocator().model_head_budgets(scores, budgets, protected)
+    assert {i: c[0].tolist() for i, c in counts.items()} == naive_model_counts(scores, budgets, protected)
+    assert all(bool((c >= sinks).all()) for c in counts.values())
+
+
+def test_a_model_wide_prefill_scores_like_the_per_layer_one_and_keeps_the_top_of_all_layers(monkeypatch):
+    model = tiny_model("llama", num_hidden_layers=3)
+    ids = torch.randint(0, 256, (1, 70), generator=torch.Generator().manual_seed(6))
+    seen = {}
+    original = ModelGlobalAllocator.model_head_budgets
+
+    def spy(self, scores, budgets, protected):
+        seen.update(scores=scores, budgets=budgets, protected=protected)
+        return original(self, scores, budgets, protected)
+
+    monkeypatch.setattr(ModelGlobalAllocator, "model_head_budgets", spy)
+    result = build("kvzip", budget=20, allocator="global_layers").prefill(model, ids)
+    per_layer = build("kvzip", budget=20, scorer={"block": 256}).prefill(model, ids)  # the same scores, layer by layer
+    expected = naive_model_counts(seen["scores"], seen["budgets"], seen["protected"])
+    heads = model.config.num_key_value_heads
+    assert sum(sum(c) for c in expected.values()) == 3 * 20 * heads
+    assert len({tuple(c) for c in expected.values()}) > 1, "the layers should keep different numbers of tokens"
+    for layer, report in result.report.layers.items():
+        assert report.kept_counts[0].tolist() == expected[layer]
+        scores = seen["scores"][layer][0].masked_fill(seen["protected"][layer], float("inf"))
+        for h, count in enumerate(expected[layer]):  # each head keeps its own best `count`
+            want = set(scores[h].topk(count).indices.tolist()) if count else set()
+            assert set(report.kept_mask(70)[0, h].nonzero().flatten().tolist()) == want
+        # same scores as the per-layer allocation: its heads' counts come from the same ranking within the layer
+        same = GlobalAllocator().head_budgets(seen["scores"][layer], 20, seen["protected"][layer])
+        assert torch.equal(per_layer.report.layers[layer].kept_counts, same)
+    entry_bytes = 2 * model.config.head_dim * 4
+    assert result.report.cache_bytes_after == 3 * 20 * heads * entry_bytes
+    full_prompt_cache = 3 * 70 * heads * entry_bytes
+    assert result.report.peak_cache_bytes >= full_prompt_cache  # it holds every layer until the ranking: said so
+    assert torch.isfinite(feed(model, result.cache, torch.randint(0, 256, (1, 4)))).all()
+
+
+def test_model_wide_allocation_keeps_the_same_in_prefill_many_as_alone():
+    model = tiny_model("llama", num_hidden_layers=2)
+    ids = torch.randint(0, 256, (1, 60), generator=torch.Generator().manual_seed(7))
+    pipelines = [build("kvzip", budget=b, allocator="global_layers") for b in (10, 25)]
+    pipelines.append(build("snapkv", budget=40, allocator="global_layers"))  # a window inside the prompt
+    together = prefill_many(model, ids, pipelines)
+    for pipeline, shared in zip(pipelines, together, strict=True):
+        alone = pipeline.prefill(model, ids)
+        for layer, report in alone.report.layers.items():
+            assert torch.equal(report.kept_mask(60), shared.report.layers[layer].kept_mask(60))
+        assert shared.report.cache_bytes_after == alone.report.cache_bytes_after
+
+
+def test_model_wide_allocation_is_refused_where_it_cannot_rank_every_layer():
+    model = tiny_model("llama", num_hidden_layers=2)
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(8))
+    pipeline = build("kvzip", budget=10, allocator="global_layers")
+    with pytest.raises(UnsupportedInputError, match="'global_layers' allocator ranks every layer"):
+        pipeline.prefill(model, ids[:1], prompt_chunk=16)
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :5] = 0
+    with pytest.raises(UnsupportedInputError, match="left-padded batch does not support: prefill these sequences one"):
+        pipeline.prefill(model, ids, attention_mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
