@@ -15,8 +15,9 @@ the prompt, so its extra cost is the reconstruction rows only. Departures:
 * the repeat instruction is given as token ids (parts see no tokenizer): :func:`kvzip_window` makes them
   for a tokenizer; without them the prompt is repeated with no instruction;
 * budgets are shared across the heads of a layer, not across layers: a layer is pruned inside the
-  forward before the next layer has run, so no ranking over all layers exists (the paper's and kvpress's
-  default rank all layers together; kvpress's ``layerwise=True`` is this setting);
+  forward before the next layer has run, so the full cache never exists (kvpress's ``layerwise=True``).
+  The paper's and kvpress's default rank all layers together: ``allocator="global_layers"``, which holds the
+  full cache until every layer is scored (docs/results/query-agnostic.md measures both);
 * chunks go through one forward: a later chunk's rows also attend to the earlier chunks' rows, and sit
   after them (positions L + their index in the whole reconstruction), where KVzip runs each chunk on the
   context's cache alone at positions L, L+1, …; the softmax covers every key a row sees (KVzip: the sinks,
