@@ -149,7 +149,8 @@ class ModelGlobalAllocator(UniformAllocator):
     """
 
     name = "global_layers"
-    summary = "one top-k over every KV head of every layer, no floor (KVzip's default); holds the full cache while prefilling"
+    summary = ("one top-k over every KV head of every layer, no floor (KVzip's default); holds the full cache while "
+               "prefilling")
     model_wide = True
 
     def model_head_budgets(
@@ -168,4 +169,6 @@ class ModelGlobalAllocator(UniformAllocator):
 
 @hookimpl
 def register_allocators():
-    return [UniformAllocator, FullAllocator, PyramidAllocator, HeadAdaptiveAllocator, GlobalAllocator, ModelGlobalAllocator]
+    return [
+        UniformAllocator, FullAllocator, PyramidAllocator, HeadAdaptiveAllocator, GlobalAllocator, ModelGlobalAllocator
+    ]

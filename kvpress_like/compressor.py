@@ -138,9 +138,8 @@ class LayerCompressor:
             started = time.perf_counter()
             scores, _, scoring = self.deferred.pop(layer_idx)
             layer = source.layers[layer_idx]
-            kept, keys, values = self._select_counts(
-                scores, counts[layer_idx], self.budgets[layer_idx], layer.keys[:, :, :length], layer.values[:, :, :length]
-            )
+            keys, values = layer.keys[:, :, :length], layer.values[:, :, :length]
+            kept, keys, values = self._select_counts(scores, counts[layer_idx], self.budgets[layer_idx], keys, values)
             self._store(source, layer_idx, keys, values)
             self._report_layer(layer_idx, kept, scoring + ranking + time.perf_counter() - started)
 

@@ -2,8 +2,9 @@
 
 Zhang et al. 2023, "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language
 Models". The causal attention of all prompt queries is summed per key, in chunks of queries so memory
-stays bounded per layer (see :func:`~kvpress_like.scorers.attention.rows_per_step`). ``aggregation="mean"`` divides by the number of queries that see each key
-(kvpress's observed-attention variant), which removes the bias towards early tokens.
+stays bounded per layer (see :func:`~kvpress_like.scorers.attention.rows_per_step`). ``aggregation="mean"``
+divides by the number of queries that see each key (kvpress's observed-attention variant), which removes the
+bias towards early tokens.
 """
 
 from __future__ import annotations

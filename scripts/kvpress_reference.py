@@ -275,7 +275,8 @@ def render() -> None:
                    key=lambda c: (int(c.split("|")[1]), int(c.split("|")[3])))
     lines = ["# kvpress 0.5.5 KVzipPress vs our kvzip (query-agnostic, multi_key, 4 questions per context)", "",
              "Rendered by `scripts/kvpress_reference.py` from `records.jsonl` (kvpress, this folder) and "
-             "`../main/cells.jsonl` and `../layers/cells.jsonl` (ours), on the same token ids (`samples.json`). Accuracy = questions right / "
+             "`../main/cells.jsonl` and `../layers/cells.jsonl` (ours), on the same token ids (`samples.json`). "
+             "Accuracy = questions right / "
              "questions; retention = accuracy / the same harness's full-cache accuracy. `kvpress_kvzip`: "
              "KVzipPress defaults (one ranking over all layers and heads); `kvpress_kvzip_layerwise`: "
              "`layerwise=True` (equal share per layer, ranked across the layer's heads, like ours).", ""]
