@@ -139,7 +139,12 @@ class LayerCompressor:
             scores, _, scoring = self.deferred.pop(layer_idx)
             layer = source.layers[layer_idx]
             keys, values = layer.keys[:, :, :length], layer.values[:, :, :length]
-            kept, keys, values = self._select_counts(scores, counts[layer_idx], self.budgets[layer_idx], keys, values)
+            try:
+                kept, keys, values = self._select_counts(scores, counts[layer_idx], self.budgets[layer_idx], keys, values)
+            except Exception as error:
+                error.add_note(f"kvpress_like: {self.pipeline.name!r} failed on layer {layer_idx} (model-wide "
+                               "selection); no cache was returned")
+                raise
             self._store(source, layer_idx, keys, values)
             self._report_layer(layer_idx, kept, scoring + ranking + time.perf_counter() - started)
 
