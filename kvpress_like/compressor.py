@@ -138,9 +138,9 @@ class LayerCompressor:
             started = time.perf_counter()
             scores, _, scoring = self.deferred.pop(layer_idx)
             layer = source.layers[layer_idx]
-            keys, values = layer.keys[:, :, :length], layer.values[:, :, :length]
+            keys, values, budget = layer.keys[:, :, :length], layer.values[:, :, :length], self.budgets[layer_idx]
             try:
-                kept, keys, values = self._select_counts(scores, counts[layer_idx], self.budgets[layer_idx], keys, values)
+                kept, keys, values = self._select_counts(scores, counts[layer_idx], budget, keys, values)
             except Exception as error:
                 error.add_note(f"kvpress_like: {self.pipeline.name!r} failed on layer {layer_idx} (model-wide "
                                "selection); no cache was returned")
