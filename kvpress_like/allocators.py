@@ -82,6 +82,15 @@ def _cap(budgets: list[int], limit: int) -> list[int]:
     return budgets
 
 
+def counts_of_top(ranked: torch.Tensor, k: int) -> torch.Tensor:
+    """``[batch, slots]``: how many of each sequence's ``k`` largest entries of ``ranked`` ``[batch, slots, L]``
+    fall in each slot (a KV head, or a (layer, head) pair)."""
+    batch, slots, length = ranked.shape
+    winners = ranked.reshape(batch, slots * length).topk(k, dim=-1).indices // length
+    counts = torch.zeros(batch, slots, dtype=torch.long, device=ranked.device)
+    return counts.scatter_add_(1, winners, torch.ones_like(winners))
+
+
 class HeadAdaptiveConfig(PartConfig):
     alpha: float = Field(0.2, ge=0, le=1, description="safeguard: share of the per-head budget every head keeps")
 
@@ -106,18 +115,14 @@ class HeadAdaptiveAllocator(Allocator):
         return self.config.alpha
 
     def head_budgets(self, scores: torch.Tensor, layer_budget: int, protected: torch.Tensor) -> torch.Tensor:
-        batch, heads, length = scores.shape
+        heads = scores.shape[1]
         ranked = scores.float().masked_fill(protected, float("inf"))
         n_protected = int(protected.sum())
         safeguard = n_protected + math.floor(self.safeguard_share() * (layer_budget - n_protected))
         order = ranked.argsort(dim=-1, descending=True)
         pool = ranked.clone()
         pool.scatter_(-1, order[..., :safeguard], float("-inf"))  # already granted: protected + safeguard
-        remaining = heads * (layer_budget - safeguard)
-        winners = pool.reshape(batch, heads * length).topk(remaining, dim=-1).indices // length
-        extra = torch.zeros(batch, heads, dtype=torch.long, device=scores.device)
-        extra.scatter_add_(1, winners, torch.ones_like(winners))
-        return (safeguard + extra).cpu()
+        return (safeguard + counts_of_top(pool, heads * (layer_budget - safeguard))).cpu()
 
 
 class GlobalAllocator(HeadAdaptiveAllocator):
@@ -160,10 +165,7 @@ class ModelGlobalAllocator(UniformAllocator):
         ranked = torch.stack([scores[i].float().masked_fill(protected[i], float("inf")) for i in layers], dim=1)
         batch, n_layers, heads, length = ranked.shape  # [batch, layers, heads, L]
         total = heads * sum(layer_budgets[i] for i in layers)
-        winners = ranked.reshape(batch, -1).topk(total, dim=-1).indices // length  # the (layer, head) slot of each
-        counts = torch.zeros(batch, n_layers * heads, dtype=torch.long, device=ranked.device)
-        counts.scatter_add_(1, winners, torch.ones_like(winners))
-        counts = counts.view(batch, n_layers, heads).cpu()
+        counts = counts_of_top(ranked.view(batch, n_layers * heads, length), total).view(batch, n_layers, heads).cpu()
         return {layer: counts[:, n] for n, layer in enumerate(layers)}
 
 

@@ -288,7 +288,7 @@ def test_a_model_wide_prefill_scores_like_the_per_layer_one_and_keeps_the_top_of
 
     monkeypatch.setattr(ModelGlobalAllocator, "model_head_budgets", spy)
     result = build("kvzip", budget=20, allocator="global_layers").prefill(model, ids)
-    per_layer = build("kvzip", budget=20, scorer={"block": 256}).prefill(model, ids)  # the same scores, layer by layer
+    per_layer = build("kvzip", budget=20).prefill(model, ids)  # the same scorer, pruning layer by layer
     expected = naive_model_counts(seen["scores"], seen["budgets"], seen["protected"])
     heads = model.config.num_key_value_heads
     assert sum(sum(c) for c in expected.values()) == 3 * 20 * heads
@@ -320,6 +320,22 @@ def test_model_wide_allocation_keeps_the_same_in_prefill_many_as_alone():
         for layer, report in alone.report.layers.items():
             assert torch.equal(report.kept_mask(60), shared.report.layers[layer].kept_mask(60))
         assert shared.report.cache_bytes_after == alone.report.cache_bytes_after
+
+
+def test_a_failing_model_wide_selection_names_its_layer_and_returns_nothing(monkeypatch):
+    model = tiny_model("llama", num_hidden_layers=2)
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(9))
+    pipeline = build("kvzip", budget=10, allocator="global_layers")
+
+    def broken(scores, budget):
+        raise RuntimeError("selector broke")
+
+    monkeypatch.setattr(pipeline.selector, "select", broken)
+    pipeline.last_report = None
+    with pytest.raises(RuntimeError, match="selector broke") as caught:
+        pipeline.prefill(model, ids)
+    assert any("failed on layer 0 (model-wide selection)" in note for note in caught.value.__notes__)
+    assert pipeline.last_report is None
 
 
 def test_model_wide_allocation_is_refused_where_it_cannot_rank_every_layer():
