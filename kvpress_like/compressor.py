@@ -201,6 +201,10 @@ class LayerCompressor:
         current = kwargs["hidden_states"][:, : max(0, self.plan.prompt_length - start)]
         return torch.cat([*self.prompt_inputs.get(layer_idx, []), current], dim=1)
 
+    def _prompt_context(self, layer_idx: int, kwargs, start: int) -> dict:
+        """What the scorer's context says about the prompt beyond its keys: here, its hidden states."""
+        return {"hidden_states": self._prompt_hidden_states(layer_idx, kwargs, start)}
+
     def select(self, module, layer_idx: int, all_keys, all_values, kwargs, start: int):
         """Kept indices and the kept keys and values of one layer, from its rows ``all_keys``/``all_values``
         ``[batch, kv_heads, T, head_dim]`` (prompt, then any appended rows). Dense tensors when every
@@ -240,9 +244,9 @@ class LayerCompressor:
             query_rows=self.plan.window_rows,
             prompt_length=self.plan.prompt_length,
             scaling=module.scaling,
-            hidden_states=self._prompt_hidden_states(layer_idx, kwargs, start),
             rope_at=lambda positions: self.rope_at(module, positions),
             sequence=self.sequence,
+            **self._prompt_context(layer_idx, kwargs, start),
         )
         scores = self.scorer.score(ctx)
         if self.scores_memo is not None:

@@ -8,7 +8,7 @@ hooks in :mod:`kvpress_like.hookspecs`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -61,8 +61,8 @@ class WindowPlan:
 class WindowBuilder(Part):
     """Decides which queries judge the importance of the prompt's keys.
 
-    ``streams``: planned on any prefix of the prompt, the window judges that prefix with a bounded number
-    of rows, so a progressive prefill (:mod:`kvpress_like.progressive`) can use it.
+    ``streams``: the window of each round of a progressive prefill (:mod:`kvpress_like.progressive`),
+    :meth:`plan_round`, has a bounded number of rows, so such a prefill can use it.
     """
 
     kind = "window"
@@ -70,6 +70,14 @@ class WindowBuilder(Part):
 
     def plan(self, input_ids: torch.Tensor, question_span: tuple[int, int] | None = None) -> WindowPlan:
         raise NotImplementedError
+
+    def plan_round(
+        self, prefix_ids: torch.Tensor, chunk_start: int, question_span: tuple[int, int] | None = None
+    ) -> WindowPlan:
+        """The window of a progressive prefill's round: the prompt so far is ``prefix_ids``, whose rows from
+        ``chunk_start`` on are this round's chunk (earlier rows are compressed already, and window rows
+        among them are dropped). By default the window planned on the prefix."""
+        return self.plan(prefix_ids, question_span)
 
 
 @dataclass
@@ -100,10 +108,18 @@ class LayerContext:
     hidden_states: torch.Tensor | None
     rope_at: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     sequence: int = 0
+    hidden_start: int = 0
+    prompt_end: int | None = None
+    state: dict = field(default_factory=dict)
 
     @property
     def num_kv_groups(self) -> int:
         return self.queries.shape[1] // self.keys.shape[1]
+
+    @property
+    def next_position(self) -> int:
+        """Position of the first token after the prompt (after the prefix, in a progressive round)."""
+        return self.prompt_length if self.prompt_end is None else self.prompt_end
 
 
 class Scorer(Part):
@@ -115,15 +131,34 @@ class Scorer(Part):
     part of the budget by the first-stage score, the rest by the real part) reads as well.
 
     A scorer declares what it reads beyond the window's queries and the keys/values:
-    ``reads_hidden_states`` (it reads ``ctx.hidden_states``; a chunked prefill then keeps the prompt's
-    attention inputs until the last chunk).
+    ``reads_hidden_states`` (it reads ``ctx.hidden_states``; a prefill whose window rows run in a later
+    forward then keeps the prompt's attention inputs until then). A progressive prefill gives such a scorer
+    one chunk's rows per round, so it must also declare ``accumulates_hidden_states`` (it sums what it
+    needs over the rounds in ``ctx.state``), or it is refused there.
+
+    Between the rounds of a progressive prefill the rows held from earlier rounds are scored again by the
+    new round's window; :meth:`merge_rounds` combines that with their scores from the earlier rounds. A
+    scorer that reads hidden states or merges rounds (:attr:`merges_rounds`) is called every round, also
+    when the layer keeps every row.
     """
 
     kind = "scorer"
     reads_hidden_states: ClassVar[bool] = False
+    accumulates_hidden_states: ClassVar[bool] = False
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         raise NotImplementedError
+
+    @property
+    def merges_rounds(self) -> bool:
+        """Whether :meth:`merge_rounds` keeps anything of the earlier rounds' scores."""
+        return False
+
+    def merge_rounds(self, earlier: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+        """Scores of the rows held from earlier rounds of a progressive prefill ``[batch, kv_heads, held]``, from
+        their last scores ``earlier`` and this round's ``current``; by default this round's (the streaming
+        variant judges what it holds by its newest window)."""
+        return current
 
 
 class Allocator(Part):

@@ -5,12 +5,13 @@ appended rows (DapQ's pseudo queries, a ``semantic``/``union`` window) through t
 attention keeps prompt rows blind to the appended ones, so every score equals a two-pass computation.
 Each attention layer is compressed inside the forward, right after it has written its keys and values:
 the kept rows replace the layer's cache in place, so a prefill never holds more than *the kept cache +
-one layer's full keys/values + the appended rows*. With ``chunk_size`` the position-wise part of every
-decoder layer (its MLP, the largest activations: ``L × intermediate_size`` several times over) runs on
-``chunk_size`` rows at a time; attention already runs over the whole prompt in ``O(L)`` memory (SDPA).
-Row-chunking a position-wise module changes nothing but the order of work, so every method keeps exactly
-the tokens of an unchunked prefill, and the cache is still compressed layer by layer (feeding the prompt
-itself in chunks would have to hold the earlier chunks' uncompressed cache until the window's queries exist).
+one layer's full keys/values + the appended rows*. The MLPs, which hold the forward's largest activations
+(``L × intermediate_size`` several times over), run lean (:mod:`kvpress_like.position_wise`: a gated MLP's
+product is written in place, bit-identical); with ``chunk_size`` they also run on ``chunk_size`` rows at a
+time; attention already runs over the whole prompt in ``O(L)`` memory (SDPA). Neither changes the result
+beyond rounding, so every method keeps the tokens of an unchunked prefill, and the cache is still compressed layer by
+layer (feeding the prompt itself in chunks would have to hold the earlier chunks' uncompressed cache until
+the window's queries exist: :mod:`kvpress_like.progressive` does that with each method's streaming variant).
 
 :func:`prefill_many` (ablations) serves several pipelines from one prompt forward: it holds the full
 cache of the prompt while it writes a compressed copy per pipeline, and pipelines with appended rows
@@ -37,6 +38,7 @@ from kvpress_like.compressor import LayerCompressor, PaddedBatchCompressor
 from kvpress_like.errors import ConfigError, UnsupportedInputError, UnsupportedModelError
 from kvpress_like.parts import WindowPlan
 from kvpress_like.plugins import get_plugin_manager
+from kvpress_like.position_wise import lean_mlps
 from kvpress_like.ragged import RaggedLayer
 from kvpress_like.report import CompressionReport
 
@@ -84,8 +86,7 @@ def compressed_prefill(
     with ExitStack() as stack:
         stack.enter_context(job.attached(adapter.attention_modules()))
         stack.enter_context(appended_rows_dropped(adapter, cache, sliding, job.plan.n_appended))
-        if chunk_size:
-            stack.enter_context(position_wise_in_row_chunks(adapter, chunk_size))
+        stack.enter_context(lean_mlps(adapter.decoder.layers, chunk_size))
         last_prompt_row = job.plan.prompt_length - 1
         logits = forward(model, cache, ids, positions, logits_row=last_prompt_row, attention_mask=forward_mask)
     job.finish(cache)
@@ -239,38 +240,6 @@ def appended_rows_dropped(adapter: ModelAdapter, cache: CompressedCache, layers:
     finally:
         for handle in handles:
             handle.remove()
-
-
-class _RowChunked(torch.nn.Module):
-    """A position-wise module (each row's output depends on that row only) run on ``rows`` rows at a time."""
-
-    def __init__(self, inner: torch.nn.Module, rows: int):
-        super().__init__()
-        self.inner, self.rows = inner, rows
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if hidden.shape[1] <= self.rows:
-            return self.inner(hidden)
-        out = None
-        for start in range(0, hidden.shape[1], self.rows):
-            part = self.inner(hidden[:, start : start + self.rows])
-            out = part.new_empty(*hidden.shape[:2], part.shape[-1]) if out is None else out
-            out[:, start : start + part.shape[1]] = part
-        return out
-
-
-@contextmanager
-def position_wise_in_row_chunks(adapter: ModelAdapter, rows: int):
-    """Every decoder layer's MLP runs on ``rows`` rows at a time; the original modules are put back on exit."""
-    layers = [layer for layer in adapter.decoder.layers if isinstance(getattr(layer, "mlp", None), torch.nn.Module)]
-    originals = [layer.mlp for layer in layers]
-    try:
-        for layer, mlp in zip(layers, originals, strict=True):
-            layer.mlp = _RowChunked(mlp, rows)
-        yield
-    finally:
-        for layer, mlp in zip(layers, originals, strict=True):
-            layer.mlp = mlp
 
 
 def _is_padded(attention_mask: torch.Tensor | None) -> bool:

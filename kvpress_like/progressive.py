@@ -16,8 +16,10 @@ survived, with the method's real window. So this is not the same method as an un
 the same number of tokens, and the same tokens whenever the prompt fits one chunk or the budget (the
 interim one included) holds the whole prompt before the last chunk; in between it is
 the streaming variant of the method (compress-as-you-go in a fixed cache, as InfiniPot, Kim et al. 2024).
-Scorers that read the prompt's hidden states (Expected Attention) and windows that copy the whole prompt
-(KVzip's reconstruction) cannot stream and are refused.
+Expected Attention adds each chunk's queries to its running statistics and scores what is held with those
+of the prompt so far. KVzip's reconstruction repeats each round's chunk only (KVzip's own chunking), and a
+held row keeps the largest attention any round gave it (its ``max`` score, merged over the rounds).
+A model-wide allocator cannot stream (it ranks every layer of the whole prompt) and is refused.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from kvpress_like.compressor import LayerCompressor
 from kvpress_like.errors import ConfigError, UnsupportedInputError
 from kvpress_like.parts import WindowPlan
 from kvpress_like.plugins import get_plugin_manager
+from kvpress_like.position_wise import lean_mlps
 from kvpress_like.prefill import (
     PrefillResult,
     appended_rows_dropped,
@@ -45,7 +48,6 @@ from kvpress_like.prefill import (
     forward,
     hand_over,
     make_compressor,
-    position_wise_in_row_chunks,
     prompt_and_window,
 )
 from kvpress_like.ragged import RaggedLayer
@@ -57,16 +59,20 @@ class RoundCompressor(LayerCompressor):
 
     ``local_plan`` is the window in the chunk's own coordinates (its rows, then the appended ones); each
     layer holds ``start`` rows from earlier rounds before them, so ``plan`` is that plan shifted, per layer.
-    ``positions`` maps every layer's held rows to prompt positions and ``spent`` sums each layer's
-    compression time (both kept across rounds); ``chunk_start`` is the position of the chunk's first token.
-    The last round reports the kept indices, in prompt positions.
+    ``chunk_start`` is the position of the chunk's first token. Kept across rounds, per layer: ``positions``
+    maps the held rows to prompt positions, ``spent`` sums the compression time, ``states`` is the scorer's
+    own state (:class:`~kvpress_like.parts.LayerContext`) and ``held_scores`` the held rows' scores, for a
+    scorer that merges rounds. The last round reports the kept indices, in prompt positions.
     """
 
     local_plan: WindowPlan | None = None
     positions: dict[int, torch.Tensor] = field(default_factory=dict)
     spent: dict[int, float] = field(default_factory=dict)
+    states: dict[int, dict] = field(default_factory=dict)
+    held_scores: dict[int, torch.Tensor] = field(default_factory=dict)
     chunk_start: int = 0
     final: bool = False
+    latest_scores: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def _step(self, module, layer_idx: int, source: CompressedCache, kwargs, start: int):
         started = time.perf_counter()
@@ -76,6 +82,8 @@ class RoundCompressor(LayerCompressor):
         )
         layer = source.layers[layer_idx]
         kept, keys, values = self.select(module, layer_idx, layer.keys, layer.values, kwargs, start)
+        if self.scorer.merges_rounds and isinstance(keys, torch.Tensor):
+            self.held_scores[layer_idx] = self.latest_scores.pop(layer_idx).gather(-1, kept)
         chunk = torch.arange(self.chunk_start, self.chunk_start + local.prompt_length, device=layer.keys.device)
         chunk = chunk.expand(*layer.keys.shape[:2], -1)
         held = torch.cat([self.positions[layer_idx], chunk], dim=-1) if layer_idx in self.positions else chunk
@@ -89,6 +97,30 @@ class RoundCompressor(LayerCompressor):
             kept = [[held[b, h, index] for h, index in enumerate(row)] for b, row in enumerate(kept)]
         self.spent[layer_idx] = self.spent.get(layer_idx, 0.0) + time.perf_counter() - started
         return kept if self.final else None
+
+    def select(self, module, layer_idx: int, all_keys, all_values, kwargs, start: int):
+        """A scorer that sums hidden states or merges rounds sees every round, also one that keeps every row."""
+        scorer = self.scorer
+        if self.plan.prompt_length <= self.budgets[layer_idx] and (scorer.reads_hidden_states or scorer.merges_rounds):
+            self._scores(module, layer_idx, all_keys, all_values, kwargs, start)
+        return super().select(module, layer_idx, all_keys, all_values, kwargs, start)
+
+    def _scores(self, module, layer_idx: int, keys, values, kwargs, start: int) -> torch.Tensor:
+        """This round's scores; the rows held from earlier rounds merged with their earlier scores."""
+        scores = super()._scores(module, layer_idx, keys, values, kwargs, start)
+        earlier = self.held_scores.pop(layer_idx, None)
+        if earlier is not None:
+            held = earlier.shape[-1]
+            scores[..., :held] = self.scorer.merge_rounds(earlier, scores[..., :held])
+        if self.scorer.merges_rounds:
+            self.latest_scores[layer_idx] = scores
+        return scores
+
+    def _prompt_context(self, layer_idx: int, kwargs, start: int) -> dict:
+        """The chunk's hidden states, where the prefix ends, and the scorer's state kept across rounds."""
+        rows = self.local_plan.prompt_length
+        return {"hidden_states": kwargs["hidden_states"][:, :rows], "hidden_start": self.chunk_start,
+                "prompt_end": self.chunk_start + rows, "state": self.states.setdefault(layer_idx, {})}
 
 
 @torch.no_grad()
@@ -112,7 +144,7 @@ def progressive_prefill(
     length = input_ids.shape[1]
     cache = CompressedCache(model.config)
     whole = make_compressor(pipeline, model, adapter, input_ids, question_span, cache, target=None)
-    report, positions, spent = whole.report, {}, {}
+    report, positions, spent, states, held_scores = whole.report, {}, {}, {}, {}
     interim = {layer: math.ceil(budget * interim_factor) for layer, budget in whole.budgets.items()}
     sliding = [i for i, layer in enumerate(cache.layers) if getattr(layer, "is_sliding", False)]
     ends = sorted({length - k * prompt_chunk for k in range(-(-length // prompt_chunk))})
@@ -120,22 +152,20 @@ def progressive_prefill(
     cache.track_peak = True
     for end in ends:
         final = end == length
-        plan = whole.plan if final else _prefix_plan(pipeline, input_ids[:, :end], question_span)
-        local = _local_plan(plan, chunk_start)
+        local = _local_plan(_round_plan(pipeline, input_ids[:, :end], chunk_start, question_span), chunk_start)
         job = RoundCompressor(
             plan=local, target=None, scorer=pipeline.scorer, selector=pipeline.selector,
             allocator=pipeline.allocator if final else UniformAllocator(),
             budgets=whole.budgets if final else interim, report=report,
             pipeline=pipeline, rope_at=adapter.rope_at, local_plan=local, positions=positions, spent=spent,
-            chunk_start=chunk_start, final=final,
+            states=states, held_scores=held_scores, chunk_start=chunk_start, final=final,
         )
         ids, rows = prompt_and_window(input_ids[:, chunk_start:end], local, start=chunk_start)
         with ExitStack() as stack:
             stack.enter_context(compressed_attention(model, cache))
             stack.enter_context(job.attached(adapter.attention_modules()))
             stack.enter_context(appended_rows_dropped(adapter, cache, sliding, local.n_appended))
-            if chunk_size:
-                stack.enter_context(position_wise_in_row_chunks(adapter, chunk_size))
+            stack.enter_context(lean_mlps(adapter.decoder.layers, chunk_size))
             logits = forward(model, cache, ids, rows, logits_row=end - chunk_start - 1)
         cache.own_masks = True  # layers now hold fewer rows than tokens seen: the next chunk needs its own masks
         cache.added_valid.clear()  # every row held is a prompt row
@@ -162,14 +192,15 @@ def check_interim_factor(interim_factor: float) -> None:
 
 def why_not_streaming(pipeline) -> str | None:
     """Why ``pipeline`` cannot run a progressive prefill, or ``None`` if it can."""
-    if getattr(pipeline.scorer, "reads_hidden_states", False):
-        return (f"the {pipeline.scorer.name!r} scorer reads the whole prompt's hidden states, which a progressive "
-                "prefill never holds")
+    scorer = pipeline.scorer
+    if scorer.reads_hidden_states and not scorer.accumulates_hidden_states:
+        return (f"the {scorer.name!r} scorer reads the whole prompt's hidden states, which a progressive prefill "
+                "never holds (a scorer that sums them chunk by chunk declares accumulates_hidden_states)")
     if pipeline.allocator.model_wide:
         return (f"the {pipeline.allocator.name!r} allocator ranks every layer's scores of the whole prompt together, "
                 "so the full cache must exist before any layer is pruned")
     if not getattr(pipeline.window, "streams", True):
-        return (f"the {pipeline.window.name!r} window appends rows that grow with the prompt (a copy of it), so a "
+        return (f"the {pipeline.window.name!r} window's rounds append rows that grow with the prompt, so a "
                 "progressive prefill would not save memory")
     return None
 
@@ -181,11 +212,12 @@ def _check_streams(pipeline) -> None:
                                     "activations)")
 
 
-def _prefix_plan(pipeline, prefix: torch.Tensor, question_span) -> WindowPlan:
-    """The method's window planned on the prompt so far; a question span counts once it is inside."""
+def _round_plan(pipeline, prefix: torch.Tensor, chunk_start: int, question_span) -> WindowPlan:
+    """The method's window for the round whose chunk starts at ``chunk_start`` and ends the prefix (see
+    :meth:`~kvpress_like.parts.WindowBuilder.plan_round`); a question span counts once it is inside."""
     span = question_span if question_span is not None and question_span[1] <= prefix.shape[1] else None
     try:
-        return pipeline.window.plan(prefix, span)
+        return pipeline.window.plan_round(prefix, chunk_start, span)
     except Exception as error:
         raise UnsupportedInputError(
             f"a progressive prefill plans the {pipeline.window.name!r} window on every prefix of the prompt, and "

@@ -214,27 +214,45 @@ class ReconstructWindow(WindowBuilder):
     ``j mod period < keep`` are repeated (the instruction rows always are): a partial reconstruction that
     costs ``keep / period`` of the rows. Positions: ``after`` keeps each row where the full reconstruction
     puts it (L + its index in it, gaps included), ``decoding`` lets the rows cycle through L … L+span−1.
+    A progressive prefill's round repeats its own chunk (:meth:`plan_round`), so the window streams.
     """
 
     name = "reconstruct"
-    streams = False  # its appended rows copy the whole prompt: a progressive prefill refuses it
     summary = "the prompt repeated after a 'repeat the context' instruction, chunked (KVzip)"
     Config = ReconstructConfig
 
     def plan(self, input_ids: torch.Tensor, question_span: tuple[int, int] | None = None) -> WindowPlan:
+        if self.config.start >= input_ids.shape[1]:
+            raise UnsupportedInputError(
+                f"the 'reconstruct' window repeats the prompt from token {self.config.start} on, but the prompt has "
+                f"only {input_ids.shape[1]} tokens; lower `start`"
+            )
+        return self._reconstruction(input_ids, self.config.start)
+
+    def plan_round(
+        self, prefix_ids: torch.Tensor, chunk_start: int, question_span: tuple[int, int] | None = None
+    ) -> WindowPlan:
+        """A progressive prefill's round repeats its own chunk only (after the instruction if the chunk holds
+        token ``start``, else after the resume cue and the previous ``overlap`` ids), as KVzip's chunks."""
+        first = max(self.config.start, chunk_start)
+        if first >= prefix_ids.shape[1]:
+            raise UnsupportedInputError(
+                f"the 'reconstruct' window repeats the prompt from token {self.config.start} on, after the whole "
+                f"first chunk of this progressive prefill (it ends at token {prefix_ids.shape[1]}): use a "
+                "prompt_chunk longer than `start`"
+            )
+        return self._reconstruction(prefix_ids, first)
+
+    def _reconstruction(self, input_ids: torch.Tensor, first_token: int) -> WindowPlan:
+        """The prompt from ``first_token`` on, repeated in chunks after their cues, at positions after the prompt."""
         batch, length = input_ids.shape
         config, device = self.config, input_ids.device
-        if config.start >= length:
-            raise UnsupportedInputError(
-                f"the 'reconstruct' window repeats the prompt from token {config.start} on, but the prompt has "
-                f"only {length} tokens; lower `start`"
-            )
 
         def constant(ids: tuple[int, ...]) -> torch.Tensor:
             return torch.tensor(ids, dtype=torch.long, device=device).expand(batch, -1)
 
         pieces, repeated = [], []
-        for first in range(config.start, length, config.chunk_size):
+        for first in range(first_token, length, config.chunk_size):
             if first == config.start:
                 cue = constant(config.instruction_ids)
             else:

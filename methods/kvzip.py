@@ -26,6 +26,10 @@ the prompt, so its extra cost is the reconstruction rows only. Departures:
 * template-head tokens before ``start`` are not repeated but scored by the attention they receive
   (kvpress scores them 0, so only the 4 sinks among them survive).
 
+In a progressive prefill (``prompt_chunk``) each round repeats its own chunk, on the cache held so far
+(the kept rows and the chunk's), and a held row keeps the largest attention any round gave it: KVzip's score
+over its reconstruction chunks, for what is still held. The full cache never exists then.
+
 ``kvzip_dapq`` tests DapQ's finding (Tian et al. 2026, arXiv 2603.11564: queries at the positions decoding
 will occupy match decoding attention better) on KVzip's queries: the same reconstruction, its rows cycling
 through the first 32 decoding positions L … L+31 instead of following the context. Measured on SmolLM2-135M

@@ -148,6 +148,15 @@ class AttentionScorer(Scorer):
     def score(self, ctx: LayerContext) -> torch.Tensor:
         return attention_scores(ctx, self.config)
 
+    @property
+    def merges_rounds(self) -> bool:
+        return self.config.aggregation == "max"
+
+    def merge_rounds(self, earlier: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+        """With ``max``, a held row keeps the largest attention any round's window gave it (KVzip's score
+        over every reconstruction chunk, for the rows still held); otherwise this round's scores."""
+        return torch.maximum(earlier, current) if self.merges_rounds else current
+
 
 @hookimpl
 def register_scorers():

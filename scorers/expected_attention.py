@@ -5,8 +5,10 @@ Estimating Attention from Future Queries Distribution"). Pre-RoPE queries of the
 by their mean μ and covariance Σ per head; the RoPE rotation averaged over the next ``n_future``
 positions, R̄, moves them to the future: μ' = R̄μ, Σ' = R̄ΣR̄ᵀ. For a Gaussian query,
 E[exp(q·k/√d)] = exp(μ'·k/√d + kᵀΣ'k/2d), normalised over keys, averaged over each KV group and
-(optionally) multiplied by ‖v‖. Statistics come from the rows of the current forward (the whole prompt
-with the ``none`` window), skipping the first ``n_sink`` tokens.
+(optionally) multiplied by ‖v‖. Statistics come from the prompt's rows, skipping the first ``n_sink``
+tokens (all of them if the prompt has no more), as running sums: a progressive prefill adds each chunk's
+rows and scores what it holds with the statistics of the prompt so far (its last round: of the whole
+prompt, exactly as a one-pass prefill).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pydantic import Field
 from kvpress_like.adapters import project_queries
 from kvpress_like.hookspecs import hookimpl
 from kvpress_like.parts import LayerContext, PartConfig, Scorer
+
+ROWS_PER_STEP = 4096  # prompt rows projected to queries at a time for the statistics
 
 
 class ExpectedAttentionConfig(PartConfig):
@@ -41,6 +45,26 @@ def averaged_rotation(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> to
     return rotation
 
 
+class QueryMoments:
+    """Running count, sum and sum of outer products of query rows ``[batch, heads, rows, d]`` (float64)."""
+
+    def __init__(self):
+        self.count, self.total, self.outer = 0, None, None
+
+    def add(self, queries: torch.Tensor) -> None:
+        if not queries.shape[2]:
+            return
+        queries = queries.double()
+        total, outer = queries.sum(dim=2), queries.transpose(-1, -2) @ queries
+        self.count += queries.shape[2]
+        self.total = total if self.total is None else self.total + total
+        self.outer = outer if self.outer is None else self.outer + outer
+
+    def mean_and_covariance(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = self.total / self.count
+        return mean.float(), (self.outer / self.count - mean[..., :, None] * mean[..., None, :]).float()
+
+
 class ExpectedAttentionScorer(Scorer):
     """Closed-form expected attention of future queries (Gaussian query statistics, averaged RoPE)."""
 
@@ -48,23 +72,20 @@ class ExpectedAttentionScorer(Scorer):
     summary = "expected softmax attention of future queries from prompt query statistics (× value norm)"
     Config = ExpectedAttentionConfig
     reads_hidden_states = True
+    accumulates_hidden_states = True
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         cfg = self.config
-        length = ctx.prompt_length
-        hidden = ctx.hidden_states[:, cfg.n_sink : length] if length > cfg.n_sink else ctx.hidden_states[:, :length]
-        queries = project_queries(ctx.module, hidden).float()  # [b, Hq, n, d]
-        mean = queries.mean(dim=2)
-        centred = queries - mean[:, :, None]
-        cov = centred.transpose(-1, -2) @ centred / max(queries.shape[2], 1)
-        positions = torch.arange(length, length + cfg.n_future, device=ctx.keys.device)
+        mean, cov = self._statistics(ctx)
+        positions = torch.arange(ctx.next_position, ctx.next_position + cfg.n_future, device=ctx.keys.device)
         cos, sin = ctx.rope_at(positions)
-        rotation = averaged_rotation(cos[0], sin[0], queries.shape[-1])
+        rotation = averaged_rotation(cos[0], sin[0], mean.shape[-1])
         mean = mean @ rotation.T
         cov = rotation @ cov @ rotation.T
 
+        length = ctx.prompt_length
         batch, kv_heads = ctx.keys.shape[:2]
-        group = queries.shape[1] // kv_heads
+        group = mean.shape[1] // kv_heads
         keys = ctx.keys[:, :, :length].float().repeat_interleave(group, dim=1)  # [b, Hq, L, d]
         logits = (keys @ mean[..., None]).squeeze(-1) * ctx.scaling
         if cfg.use_covariance:
@@ -73,6 +94,20 @@ class ExpectedAttentionScorer(Scorer):
         if cfg.use_vnorm:
             probs = (probs + cfg.epsilon) * ctx.values[:, :, :length].float().norm(dim=-1)
         return probs
+
+    def _statistics(self, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean ``[b, Hq, d]`` and covariance ``[b, Hq, d, d]`` of the pre-RoPE queries of the prompt so far,
+        the first ``n_sink`` tokens left out (unless nothing else has been seen)."""
+        sinks, rest = ctx.state.setdefault("moments", (QueryMoments(), QueryMoments()))
+        hidden, first = ctx.hidden_states, ctx.hidden_start
+        end = first + hidden.shape[1]
+        for lo in range(first, end, ROWS_PER_STEP):
+            hi = min(lo + ROWS_PER_STEP, end)
+            split = min(max(self.config.n_sink, lo), hi)  # rows before it are sinks
+            queries = project_queries(ctx.module, hidden[:, lo - first : hi - first])
+            sinks.add(queries[:, :, : split - lo])
+            rest.add(queries[:, :, split - lo :])
+        return (rest if rest.count else sinks).mean_and_covariance()
 
 
 @hookimpl

@@ -5,9 +5,10 @@ Each case runs in a fresh process (peak resident set above the loaded model, see
 ``kvpress_like.eval.memory``). The model is the toy Llama of ``kvpress_like.eval.toy`` made wide enough
 that its cache matters (its weights are random: this measures memory, not answers). Prints one line
 per method with its peak and the ratio to the uncompressed 8k prefill, and writes the records as JSON.
-With ``--prompt-chunk`` the methods that can stream run a progressive prefill (the prompt fed in chunks,
-compressed after each); the others (hidden-state scorers, prompt-copying windows) run the one-pass
-prefill with ``--chunk-size``, and their record says so.
+With ``--prompt-chunk`` the methods that can stream (every built-in one) run a progressive prefill (the
+prompt fed in chunks, compressed after each); a method that cannot (a model-wide allocator, a plugin's
+window or scorer that does not stream) runs the one-pass prefill with ``--chunk-size``, and its record
+says so.
 
     python scripts/bench_long_prompt.py --out docs/results/long-prompt
 """

@@ -319,13 +319,14 @@ def test_a_grid_of_progressive_prefills_records_each_method_or_why_it_cannot_str
     """With ``prompt_chunk`` every candidate runs a progressive prefill: one chunk as long as the prompt gives the
     rows of a one-pass run; a method that cannot stream records why; the setting is part of the grid's identity."""
     model, tokenizer = toy
-    methods = ["full", "snapkv", "pyramidkv", "expected_attention"]
+    methods = ["full", "snapkv", "pyramidkv", "expected_attention",
+               {"label": "kvzip_layers", "method": "kvzip", "allocator": "global_layers"}]
     run_grid(_grid(methods=methods, samples=2), tmp_path / "one", model, tokenizer, progress=False)
     run_grid(_grid(methods=methods, samples=2, prompt_chunk=4096), tmp_path / "whole", model, tokenizer,
              progress=False)
     for once, whole in zip(*(read_cells(tmp_path / name / "cells.jsonl") for name in ("one", "whole")), strict=True):
         for a, b in zip(once["rows"], whole["rows"], strict=True):
-            if a["method"] != "expected_attention":
+            if a["label"] != "kvzip_layers":
                 assert (a["answer"], a["budget_tokens"], a["recall_layers"]) == (b["answer"], b["budget_tokens"],
                                                                                  b["recall_layers"])
                 assert a["kl"] == pytest.approx(b["kl"], abs=1e-6)
@@ -338,7 +339,8 @@ def test_a_grid_of_progressive_prefills_records_each_method_or_why_it_cannot_str
         assert "prefill_batch" not in batched["reference"]["timing"]
     for record in read_cells(tmp_path / "small" / "cells.jsonl"):
         rows = {row["method"]: row for row in record["rows"]}
-        assert "reads the whole prompt's hidden states" in rows["expected_attention"]["error"]
+        assert "ranks every layer's scores of the whole prompt" in rows["kvzip"]["error"]
+        assert rows["expected_attention"]["error"] is None
         assert rows["snapkv"]["error"] is None and rows["snapkv"]["budget_tokens"] == record["reference"][
             "prompt_tokens"] // 2
     with pytest.raises(ConfigError, match="prompt_chunk"):

@@ -6,7 +6,7 @@
   tokens (sinks, the last tokens) among them, and the cache never holds more than the budget + one chunk
   + the window's appended rows per layer;
 * the compressed cache continues like any other (our loop = ``model.generate``);
-* methods that cannot stream, and padded batches, are refused with what to do instead.
+* padded batches are refused with what to do instead (a model-wide allocation too: tests/test_kvzip.py).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from kvpress_like.prefill import forward
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
-STREAMING = [m for m in sorted(get_registry().methods) if m not in {"expected_attention", "kvzip", "kvzip_dapq"}]
+STREAMING = sorted(get_registry().methods)
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -118,15 +118,6 @@ def test_a_progressive_cache_continues_like_any_other():
     out = model.generate(torch.cat([ids, question], dim=1), max_new_tokens=6, do_sample=False,
                          **{cache_kwarg(model): theirs.cache})
     assert out[0, ids.shape[1] + question.shape[1]:].tolist() == answer
-
-
-@pytest.mark.parametrize(("method", "message"), [
-    ("expected_attention", "reads the whole prompt's hidden states"),
-    ("kvzip", "appends rows that grow with the prompt"),
-])
-def test_methods_that_cannot_stream_are_refused(method, message):
-    with pytest.raises(UnsupportedInputError, match=message):
-        build(method, budget="30%").prefill(_model("llama"), random_ids(120), prompt_chunk=40)
 
 
 def test_a_padded_batch_is_refused_with_the_alternative():

@@ -1,0 +1,128 @@
+"""Expected Attention and KVzip in a progressive prefill: what each round sees, against naive references.
+
+* Expected Attention's running query statistics, added chunk by chunk, are the prompt's mean and covariance;
+  with every row held between chunks its last round keeps what a one-pass prefill keeps;
+* KVzip's round repeats its own chunk (after the instruction, or the resume cue and the previous ids), and a
+  held row keeps the largest attention any round gave it: checked against eager attention of each round's
+  prefix + reconstruction, maxed over the rounds.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import itertools
+
+import pytest
+import torch
+from conftest import random_ids, tiny_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvpress_like import build
+from kvpress_like.errors import UnsupportedInputError
+from kvpress_like.scorers.attention import AttentionConfig, AttentionScorer
+from kvpress_like.scorers.expected_attention import QueryMoments
+from kvpress_like.windows import ReconstructConfig, ReconstructWindow
+
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")
+
+
+@functools.cache
+def _model(attn_implementation: str = "sdpa"):
+    return copy.deepcopy(tiny_model("llama", attn_implementation, num_hidden_layers=2, initializer_range=0.1)).double()
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 60), cuts=st.lists(st.integers(0, 60), max_size=4), seed=st.integers(0, 99))
+def test_query_moments_added_in_pieces_are_the_mean_and_covariance(rows, cuts, seed):
+    queries = torch.randn(2, 3, rows, 5, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    moments, bounds = QueryMoments(), sorted({0, rows, *(c for c in cuts if c < rows)})
+    for lo, hi in itertools.pairwise(bounds):
+        moments.add(queries[:, :, lo:hi])
+    moments.add(queries[:, :, :0])  # an empty piece changes nothing
+    mean, cov = moments.mean_and_covariance()
+    centred = queries - queries.mean(dim=2, keepdim=True)
+    torch.testing.assert_close(mean.double(), queries.mean(dim=2), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(cov.double(), centred.transpose(-1, -2) @ centred / rows, atol=1e-6, rtol=1e-5)
+    assert moments.count == rows
+
+
+@settings(max_examples=10, deadline=None)
+@given(length=st.integers(90, 160), chunk=st.integers(25, 60))
+def test_expected_attention_holding_every_row_between_chunks_keeps_the_one_pass_tokens(length, chunk):
+    model, ids = _model(), random_ids(length, seed=length + chunk)
+    one_pass = build("expected_attention", budget="25%").prefill(model, ids)
+    progressive = build("expected_attention", budget="25%").prefill(model, ids, prompt_chunk=chunk,
+                                                                     interim_factor=length)
+    for layer, report in one_pass.report.layers.items():
+        assert torch.equal(progressive.report.layers[layer].kept_indices, report.kept_indices)
+
+
+def _window(**options) -> ReconstructWindow:
+    return ReconstructWindow(ReconstructConfig(**{"instruction_ids": (1,), "resume_ids": (7,), "opener_ids": (3,),
+                                                  "overlap": 2, **options}))
+
+
+def test_a_reconstruction_round_repeats_its_own_chunk_after_its_cue_at_positions_after_the_prefix():
+    ids = torch.arange(100, 130)[None]
+    first = _window(start=2).plan_round(ids[:, :10], chunk_start=0)
+    assert first.appended_ids.tolist() == [[1, 3, *range(102, 110)]]  # instruction, opener, tokens 2…9
+    later = _window(start=2).plan_round(ids[:, :25], chunk_start=10)
+    assert later.appended_ids.tolist() == [[7, 108, 109, 3, *range(110, 125)]]  # resume, 2 previous ids, opener
+    assert later.appended_positions.tolist() == [list(range(25, 25 + 19))]
+    assert later.window_rows.tolist() == list(range(25, 25 + 19)) and later.prompt_length == 25
+    whole = _window(start=2).plan(ids)
+    assert torch.equal(_window(start=2).plan_round(ids, chunk_start=0).appended_ids, whole.appended_ids)
+
+
+def test_a_round_that_ends_before_the_reconstruction_starts_is_refused_with_the_alternative():
+    with pytest.raises(UnsupportedInputError, match="prompt_chunk longer than `start`"):
+        _window(start=12).plan_round(torch.arange(10)[None], chunk_start=0)
+
+
+def test_max_attention_scores_merge_by_max_and_others_by_the_newest_round():
+    earlier, current = torch.tensor([[[0.5, 0.125]]]), torch.tensor([[[0.25, 0.375]]])
+    kvzip = AttentionScorer(AttentionConfig(aggregation="max"))
+    snapkv = AttentionScorer(AttentionConfig(aggregation="sum"))
+    assert kvzip.merges_rounds and not snapkv.merges_rounds
+    assert kvzip.merge_rounds(earlier, current).tolist() == [[[0.5, 0.375]]]
+    assert torch.equal(snapkv.merge_rounds(earlier, current), current)
+
+
+def _naive_streaming_kvzip_scores(ids: torch.Tensor, chunk: int, window: ReconstructWindow) -> dict[int, torch.Tensor]:
+    """Per layer ``[kv_heads, L]``: for every round, an eager forward of the prefix and the round's reconstruction;
+    a key's score is the largest attention any reconstruction row of any round gives it (max over each group)."""
+    model = _model("eager")
+    length = ids.shape[1]
+    ends = sorted({length - k * chunk for k in range(-(-length // chunk))})
+    kv_heads = model.config.num_key_value_heads
+    best: dict[int, torch.Tensor] = {}
+    starts = [0, *ends[:-1]]
+    for chunk_start, end in zip(starts, ends, strict=True):
+        plan = window.plan_round(ids[:, :end], chunk_start)
+        fed = torch.cat([ids[:, :end], plan.appended_ids], dim=1)
+        positions = torch.cat([torch.arange(end)[None], plan.appended_positions], dim=1)
+        with torch.no_grad():
+            attentions = model(fed, position_ids=positions, output_attentions=True).attentions
+        for layer, probs in enumerate(attentions):  # [1, q_heads, rows, rows]
+            rows = probs[0, :, end:, :end].amax(dim=1)  # [q_heads, end]
+            score = rows.reshape(kv_heads, -1, end).amax(dim=1)
+            padded = torch.full((kv_heads, length), -1.0, dtype=score.dtype)
+            padded[:, :end] = score
+            best[layer] = padded if layer not in best else torch.maximum(best[layer], padded)
+    return best
+
+
+@settings(max_examples=8, deadline=None)
+@given(length=st.integers(70, 130), chunk=st.integers(20, 50), budget=st.integers(10, 30))
+def test_streaming_kvzip_keeps_the_top_of_every_rounds_largest_attention(length, chunk, budget):
+    """Every row held between chunks (interim_factor): the last round ranks each key by the largest attention
+    that any round's reconstruction gave it."""
+    ids = random_ids(length, seed=length + chunk)
+    pipeline = build("kvzip", budget=budget, allocator="uniform")
+    result = pipeline.prefill(_model(), ids, prompt_chunk=chunk, interim_factor=length)
+    scores = _naive_streaming_kvzip_scores(ids, chunk, pipeline.window)
+    for layer, report in result.report.layers.items():
+        want = pipeline.selector.select(scores[layer][None].float(), budget)
+        assert torch.equal(report.kept_indices, want)
