@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     be = commands.add_parser("bench", help="prefill/compression time ratio, decode ms/token, cache bytes, peak memory")
     _model_options(be)
     be.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
-    be.add_argument("--methods", nargs="+", default=["all"], help="registered methods ('all' = every one but full)")
+    be.add_argument("--methods", nargs="+", default=["all"],
+                    help="registered methods ('all' = every one but full; name full: our prefill, nothing dropped)")
     be.add_argument("--budget", default="256", help="budget of every method (default 256 tokens, as the paper)")
     be.add_argument("--repeats", type=int, default=3)
     be.add_argument("--decode-tokens", type=int, default=32)
@@ -235,13 +236,12 @@ def _bench(args, command: str) -> int:
     from kvpress_like.plugins import get_registry
 
     names = args.methods
-    if names == ["all"]:
-        names = sorted(get_registry().methods)
+    if names == ["all"]:  # the plain prefill is every ratio's baseline: methods that keep everything are left out
+        names = [name for name in sorted(get_registry().methods) if not takes_no_budget(MethodEntry(method=name))]
     methods = []
-    for name in names:
-        if takes_no_budget(MethodEntry(method=name)):
-            continue  # the full cache is the baseline of every ratio
-        methods.append((name, build(name, budget=_budget_value(args.budget))))
+    for name in names:  # a method that keeps everything, named on purpose: our prefill without compression
+        no_budget = takes_no_budget(MethodEntry(method=name))
+        methods.append((name, build(name) if no_budget else build(name, budget=_budget_value(args.budget))))
     model, tokenizer = _load(args)
     memory = None if args.no_memory else {"model": args.model, "budget": args.budget, "threads": args.threads,
                                           "repeats": args.memory_repeats}

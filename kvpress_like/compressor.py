@@ -173,14 +173,20 @@ class LayerCompressor:
     def _capture(self, layer_idx: int, kwargs, start: int) -> None:
         hidden = kwargs["hidden_states"]
         local = self._local_rows(hidden.shape[1], start, hidden.device)
-        if local.numel():
+        if hidden[:, local].shape[1]:
             cos, sin = kwargs["position_embeddings"]
             self.captured.setdefault(layer_idx, []).append((hidden[:, local], cos[:, local], sin[:, local]))
         if self.keep_hidden_states:
             self.prompt_inputs.setdefault(layer_idx, []).append(hidden[:, : self.plan.prompt_length - start])
 
-    def _local_rows(self, forward_rows: int, start: int, device) -> torch.Tensor:
-        rows = self.plan.window_rows.to(device)
+    def _local_rows(self, forward_rows: int, start: int, device) -> slice | torch.Tensor:
+        """This forward's window rows in its own coordinates: a slice when the window is one run of rows (suffix
+        and appended windows: views, no copies, a handful of operations less per layer), else an index."""
+        rows = self.plan.window_rows
+        if rows.numel() and int(rows[-1]) - int(rows[0]) + 1 == rows.numel() and bool((rows.diff() == 1).all()):
+            lo, hi = max(int(rows[0]), start), min(int(rows[-1]) + 1, start + forward_rows)
+            return slice(lo - start, max(lo, hi) - start)
+        rows = rows.to(device)
         return rows[(rows >= start) & (rows < start + forward_rows)] - start
 
     def _window_inputs(self, layer_idx: int, kwargs, start: int) -> Inputs:
@@ -199,7 +205,8 @@ class LayerCompressor:
         if start > 0 and layer_idx not in self.prompt_inputs:
             return None
         current = kwargs["hidden_states"][:, : max(0, self.plan.prompt_length - start)]
-        return torch.cat([*self.prompt_inputs.get(layer_idx, []), current], dim=1)
+        pieces = [*self.prompt_inputs.get(layer_idx, []), current]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)  # one piece: a view, not a copy
 
     def _prompt_context(self, layer_idx: int, kwargs, start: int) -> dict:
         """What the scorer's context says about the prompt beyond its keys: here, its hidden states."""

@@ -73,8 +73,10 @@ def test_bench_prints_ratios(toy_dir, tmp_path, capsys):
     assert main(["bench", "--model", toy_dir, "--lengths", "128", "256", "--methods", "full", "dapq",
                  "--budget", "32", "--repeats", "1", "--decode-tokens", "2", "--out", str(out), "--no-progress"]) == 0
     rows = json.loads((out / "bench.json").read_text())["rows"]
-    assert [r["method"] for r in rows] == ["full (plain prefill)", "dapq"] * 2  # `full` is the baseline, not a row
-    dapq = rows[1]
+    # `full` named on purpose: our prefill with nothing dropped, beside the model's own plain prefill
+    assert [r["method"] for r in rows] == ["full (plain prefill)", "full", "dapq"] * 2
+    assert rows[1]["cache_fraction"] == 1.0 and rows[1]["peak_bytes"] > 0
+    dapq = rows[2]
     assert dapq["prefill_ratio"] > 0 and dapq["decode_ratio"] > 0 and dapq["peak_bytes"] > 0
     assert dapq["cache_fraction"] == pytest.approx(32 / 128)
     assert "ratio to plain prefill" in capsys.readouterr().out

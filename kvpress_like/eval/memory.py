@@ -53,7 +53,7 @@ def run_case(model_name: str, method: str, length: int, budget: str, chunk_size:
     import torch
 
     from kvpress_like.eval.bench import bench_prompt, plain_prefill
-    from kvpress_like.eval.runner import _budget_value
+    from kvpress_like.eval.runner import MethodEntry, _budget_value, takes_no_budget
     from kvpress_like.factory import build
     from kvpress_like.models import load_model
 
@@ -61,7 +61,12 @@ def run_case(model_name: str, method: str, length: int, budget: str, chunk_size:
         torch.set_num_threads(threads)
     model, tokenizer = load_model(model_name)
     ids = bench_prompt(tokenizer, length).to(model.device)
-    pipeline = None if method == PLAIN else build(method, budget=_budget_value(budget))
+    if method == PLAIN:
+        pipeline = None
+    elif takes_no_budget(MethodEntry(method=method)):  # e.g. `full`: the compressed prefill's path, nothing dropped
+        pipeline = build(method)
+    else:
+        pipeline = build(method, budget=_budget_value(budget))
 
     def prefill():
         if pipeline is None:
