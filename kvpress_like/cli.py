@@ -231,17 +231,14 @@ def _ablate(args, command: str) -> int:
 
 def _bench(args, command: str) -> int:
     from kvpress_like.eval.bench import bench_markdown, run_bench, write_bench
-    from kvpress_like.eval.runner import MethodEntry, _budget_value, takes_no_budget
-    from kvpress_like.factory import build
+    from kvpress_like.eval.runner import MethodEntry, build_at_budget, takes_no_budget
     from kvpress_like.plugins import get_registry
 
     names = args.methods
     if names == ["all"]:  # the plain prefill is every ratio's baseline: methods that keep everything are left out
         names = [name for name in sorted(get_registry().methods) if not takes_no_budget(MethodEntry(method=name))]
-    methods = []
-    for name in names:  # a method that keeps everything, named on purpose: our prefill without compression
-        no_budget = takes_no_budget(MethodEntry(method=name))
-        methods.append((name, build(name) if no_budget else build(name, budget=_budget_value(args.budget))))
+    # a method that keeps everything, named on purpose, is our prefill without compression
+    methods = [(name, build_at_budget(name, args.budget)) for name in names]
     model, tokenizer = _load(args)
     memory = None if args.no_memory else {"model": args.model, "budget": args.budget, "threads": args.threads,
                                           "repeats": args.memory_repeats}

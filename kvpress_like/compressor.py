@@ -173,9 +173,11 @@ class LayerCompressor:
     def _capture(self, layer_idx: int, kwargs, start: int) -> None:
         hidden = kwargs["hidden_states"]
         local = self._local_rows(hidden.shape[1], start, hidden.device)
-        if hidden[:, local].shape[1]:
+        if _count(local, hidden.shape[1]):  # copies: a view would keep this forward's whole input alive
             cos, sin = kwargs["position_embeddings"]
-            self.captured.setdefault(layer_idx, []).append((hidden[:, local], cos[:, local], sin[:, local]))
+            rows = (hidden[:, local], cos[:, local], sin[:, local])
+            self.captured.setdefault(layer_idx, []).append(tuple(t.clone() for t in rows) if isinstance(
+                local, slice) else rows)
         if self.keep_hidden_states:
             self.prompt_inputs.setdefault(layer_idx, []).append(hidden[:, : self.plan.prompt_length - start])
 
@@ -321,6 +323,11 @@ class PaddedBatchCompressor(LayerCompressor):
         kept, keys, values = zip(*(done[b] for b in range(len(self.sequences))), strict=True)
         self._store(source, layer_idx, [list(k[0]) for k in keys], [list(v[0]) for v in values])
         return [list(k[0]) for k in kept]
+
+
+def _count(local: slice | torch.Tensor, rows: int) -> int:
+    """How many rows ``local`` (a slice or an index, see ``LayerCompressor._local_rows``) picks out of ``rows``."""
+    return len(range(*local.indices(rows))) if isinstance(local, slice) else local.numel()
 
 
 def _check_kept(kept: torch.Tensor, score_shape: torch.Size, budget: int, selector: str) -> None:

@@ -91,7 +91,12 @@ class LayerContext:
     attention inputs of the prompt rows ``[batch, L, hidden]`` (when the window's rows run in a later
     forward than the prompt's, as in ``prefill_many``, only for scorers that declare
     ``reads_hidden_states``); ``rope_at(positions)`` gives the layer's ``(cos, sin)`` ``[1, n, rot_dim]``
-    at any positions (for scorers that look ahead, e.g. Expected Attention). There is no budget here:
+    at any positions (for scorers that look ahead, e.g. Expected Attention, from :attr:`next_position`).
+    In a round of a progressive prefill the key rows are those held from earlier rounds, then the chunk's
+    (``prompt_length`` counts both: a number of rows, not a position); ``hidden_states`` are the chunk's
+    rows only, the first at prompt position ``hidden_start`` (0 otherwise); ``prompt_end`` is the prefix's
+    length (``None`` otherwise: the prompt's); ``state`` is a per-layer dict the scorer may keep across the
+    rounds (empty, and used once, in every other prefill). There is no budget here:
     how many tokens stay is the allocator's and the selector's business, so scores serve every budget.
     A left-padded batch is scored one sequence at a time (a batch of one, in its own positions);
     ``sequence`` is that sequence's row in the batch (0 otherwise).

@@ -31,7 +31,8 @@ def is_gated(mlp: torch.nn.Module) -> bool:
 
 class LeanMLP(torch.nn.Module):
     """``inner`` (a position-wise MLP) with the gated product written in place and, with ``rows``, run on at
-    most ``rows`` rows at a time. Inference only: the in-place product would break autograd."""
+    most ``rows`` rows at a time. The product is written in place only without gradients and when neither the
+    MLP nor its activation has hooks; otherwise the MLP runs as it is."""
 
     def __init__(self, inner: torch.nn.Module, rows: int | None = None):
         super().__init__()
@@ -49,12 +50,18 @@ class LeanMLP(torch.nn.Module):
         return out
 
     def _run(self, hidden: torch.Tensor) -> torch.Tensor:
-        if not self.gated:
-            return self.inner(hidden)
+        if not self.gated or torch.is_grad_enabled() or _hooked(self.inner) or _hooked(self.inner.act_fn):
+            return self.inner(hidden)  # as the model would: gradients, or hooks that expect its own calls
         mlp = self.inner
         product = mlp.act_fn(mlp.gate_proj(hidden))
         product.mul_(mlp.up_proj(hidden))
         return mlp.down_proj(product)
+
+
+def _hooked(module: torch.nn.Module) -> bool:
+    """Whether ``module`` has forward hooks of its own (they expect the module to be called, and an
+    ``act_fn`` hook may keep the buffer that the lean product overwrites)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 @contextmanager

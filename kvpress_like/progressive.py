@@ -12,14 +12,18 @@ with this chunk; a question span counts once it is inside the prefix), restricte
 chunk and the appended rows (earlier chunks' rows are gone). SnapKV's window is thus the chunk's last rows;
 DapQ's pseudo queries sit right after the prefix. Intermediate rounds keep the layer's budget on every
 head (uniformly; ``interim_factor`` times it if asked); the last round runs the method's allocator on what
-survived, with the method's real window. So this is not the same method as an unchunked prefill: it keeps
-the same number of tokens, and the same tokens whenever the prompt fits one chunk or the budget (the
-interim one included) holds the whole prompt before the last chunk; in between it is
-the streaming variant of the method (compress-as-you-go in a fixed cache, as InfiniPot, Kim et al. 2024).
-Expected Attention adds each chunk's queries to its running statistics and scores what is held with those
-of the prompt so far. KVzip's reconstruction repeats each round's chunk only (KVzip's own chunking), and a
-held row keeps the largest attention any round gave it (its ``max`` score, merged over the rounds).
-A model-wide allocator cannot stream (it ranks every layer of the whole prompt) and is refused.
+survived, with the window planned on the whole prompt. So this is not the same method as an unchunked
+prefill: it keeps the same number of tokens, and the same tokens whenever the prompt fits one chunk or the
+budget (the interim one included) holds the whole prompt before the last chunk; in between it is the
+streaming variant of the method (compress-as-you-go in a fixed cache, as InfiniPot, Kim et al. 2024).
+
+Two kinds of parts stream differently. A window may plan a round otherwise than on the prefix
+(:meth:`~kvpress_like.parts.WindowBuilder.plan_round`): KVzip's reconstruction repeats the round's chunk only
+(KVzip's own chunking). A scorer may merge a held row's scores over the rounds
+(:meth:`~kvpress_like.parts.Scorer.merge_rounds`): KVzip's ``max`` keeps the largest attention any round gave
+it. So KVzip keeps the one-pass tokens only when the prompt fits one chunk. A scorer that reads hidden states
+sums them over the rounds (Expected Attention: running query statistics, those of the whole prompt in the
+last round). A model-wide allocator cannot stream (it ranks every layer of the whole prompt) and is refused.
 """
 
 from __future__ import annotations
@@ -111,7 +115,7 @@ class RoundCompressor(LayerCompressor):
         earlier = self.held_scores.pop(layer_idx, None)
         if earlier is not None:
             held = earlier.shape[-1]
-            scores[..., :held] = self.scorer.merge_rounds(earlier, scores[..., :held])
+            scores = torch.cat([self.scorer.merge_rounds(earlier, scores[..., :held]), scores[..., held:]], dim=-1)
         if self.scorer.merges_rounds:
             self.latest_scores[layer_idx] = scores
         return scores

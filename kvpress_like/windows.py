@@ -233,14 +233,11 @@ class ReconstructWindow(WindowBuilder):
         self, prefix_ids: torch.Tensor, chunk_start: int, question_span: tuple[int, int] | None = None
     ) -> WindowPlan:
         """A progressive prefill's round repeats its own chunk only (after the instruction if the chunk holds
-        token ``start``, else after the resume cue and the previous ``overlap`` ids), as KVzip's chunks."""
+        token ``start``, else after the resume cue and the previous ``overlap`` ids), as KVzip's chunks. A round
+        that ends before ``start`` (a template head) repeats nothing: no window rows."""
         first = max(self.config.start, chunk_start)
         if first >= prefix_ids.shape[1]:
-            raise UnsupportedInputError(
-                f"the 'reconstruct' window repeats the prompt from token {self.config.start} on, after the whole "
-                f"first chunk of this progressive prefill (it ends at token {prefix_ids.shape[1]}): use a "
-                "prompt_chunk longer than `start`"
-            )
+            return WindowPlan(prefix_ids.shape[1], torch.zeros(0, dtype=torch.long, device=prefix_ids.device))
         return self._reconstruction(prefix_ids, first)
 
     def _reconstruction(self, input_ids: torch.Tensor, first_token: int) -> WindowPlan:

@@ -107,7 +107,10 @@ class ExpectedAttentionScorer(Scorer):
             queries = project_queries(ctx.module, hidden[:, lo - first : hi - first])
             sinks.add(queries[:, :, : split - lo])
             rest.add(queries[:, :, split - lo :])
-        return (rest if rest.count else sinks).mean_and_covariance()
+        if rest.count:  # sinks come first and are never used again: drop their sums
+            ctx.state["moments"] = (QueryMoments(), rest)
+            return rest.mean_and_covariance()
+        return sinks.mean_and_covariance()
 
 
 @hookimpl

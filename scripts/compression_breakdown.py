@@ -18,8 +18,8 @@ import torch
 
 import kvpress_like.compressor as compressor
 import kvpress_like.scorers.attention as attention
-from kvpress_like import build
 from kvpress_like.eval.bench import bench_prompt
+from kvpress_like.eval.runner import build_at_budget
 from kvpress_like.models import load_model
 
 STAGES = [  # (owner, attribute, label), outermost last
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--methods", nargs="+", default=["snapkv", "dapq"])
     parser.add_argument("--length", type=int, default=2048)
-    parser.add_argument("--budget", type=float, default=0.1)
+    parser.add_argument("--budget", default="10%")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -66,13 +66,16 @@ def main() -> None:
         print(f"ms per compressed layer, mean of {args.repeats} prefills of {ids.shape[1]} tokens, "
               f"{args.threads} threads:")
         for method in args.methods:
-            pipeline = build(method, budget=args.budget)
+            pipeline = build_at_budget(method, args.budget)
             with torch.no_grad():
                 pipeline.prefill(model, ids)  # warm-up
                 spent.clear()
                 for _ in range(args.repeats):
                     layers = len(pipeline.prefill(model, ids).report.layers)
             print(f"\n{method}:")
+            if not layers:
+                print("  no layer compressed (the budget holds the prompt)")
+                continue
             for _, _, label in STAGES:
                 print(f"  {label:42s} {1000 * spent[label] / args.repeats / layers:7.3f}")
     finally:

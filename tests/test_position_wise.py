@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import random_ids, tiny_model
@@ -37,26 +39,29 @@ def test_lean_mlp_output_is_the_mlps(arch, length, rows):
         torch.testing.assert_close(lean, plain, rtol=1e-5, atol=1e-6)
 
 
+class RecordingActivation(torch.nn.Module):
+    """The MLP's activation, noting where its output lives (a module, not a hook: hooks turn the lean path off)."""
+
+    def __init__(self, inner: torch.nn.Module, seen: dict):
+        super().__init__()
+        self.inner, self.seen = inner, seen
+
+    def forward(self, x):
+        out = self.inner(x)
+        self.seen["act"] = out.data_ptr()
+        return out
+
+
 @pytest.mark.parametrize(("lean", "shared"), [(True, True), (False, False)])
 def test_the_gated_product_goes_into_the_activations_buffer(lean, shared):
     """Lean: down_proj reads the activation's own buffer (no third intermediate-sized tensor); the model's
     own MLP allocates a new one for the product."""
-    mlp = tiny_model("llama").model.layers[0].mlp
+    mlp = copy.deepcopy(tiny_model("llama").model.layers[0].mlp)
     seen = {}
-
-    def note(name, tensor) -> None:
-        seen[name] = tensor.data_ptr()
-
-    handles = [
-        mlp.act_fn.register_forward_hook(lambda m, args, out: note("act", out)),
-        mlp.down_proj.register_forward_pre_hook(lambda m, args: note("product", args[0])),
-    ]
-    try:
-        with torch.no_grad():
-            (LeanMLP(mlp) if lean else mlp)(torch.randn(1, 8, mlp.gate_proj.in_features))
-    finally:
-        for handle in handles:
-            handle.remove()
+    mlp.act_fn = RecordingActivation(mlp.act_fn, seen)
+    mlp.down_proj.register_forward_pre_hook(lambda m, args: seen.update(product=args[0].data_ptr()))
+    with torch.no_grad():
+        (LeanMLP(mlp) if lean else mlp)(torch.randn(1, 8, mlp.gate_proj.in_features))
     assert (seen["act"] == seen["product"]) is shared
 
 
@@ -77,3 +82,21 @@ def test_a_compressed_prefill_gives_the_plain_forwards_logits(arch):
     with torch.no_grad():
         plain = model(ids, logits_to_keep=1).logits[:, -1]
     assert torch.equal(build("full").prefill(model, ids).next_token_logits, plain)
+
+
+def test_hooks_and_gradients_get_the_models_own_mlp():
+    """A hook on the activation sees the activation, not the product written over it; with gradients the MLP runs
+    as it is (the in-place product would break autograd)."""
+    mlp = tiny_model("llama").model.layers[0].mlp
+    hidden = torch.randn(1, 6, mlp.gate_proj.in_features)
+    kept = []
+    handle = mlp.act_fn.register_forward_hook(lambda m, args, out: kept.append(out))
+    try:
+        with torch.no_grad():
+            LeanMLP(mlp)(hidden)
+            assert torch.equal(kept[0], mlp.act_fn(mlp.gate_proj(hidden)))
+    finally:
+        handle.remove()
+    leaf = hidden.clone().requires_grad_()
+    LeanMLP(mlp)(leaf).sum().backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()

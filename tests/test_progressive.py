@@ -6,7 +6,8 @@
   tokens (sinks, the last tokens) among them, and the cache never holds more than the budget + one chunk
   + the window's appended rows per layer;
 * the compressed cache continues like any other (our loop = ``model.generate``);
-* padded batches are refused with what to do instead (a model-wide allocation too: tests/test_kvzip.py).
+* parts that cannot stream and padded batches are refused with what to do instead (a model-wide allocation
+  too: tests/test_kvzip.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from kvpress_like import build
 from kvpress_like.compat import cache_kwarg
 from kvpress_like.decoding import GenerationOptions, decode_batch
 from kvpress_like.errors import ConfigError, UnsupportedInputError
+from kvpress_like.parts import Scorer, WindowBuilder, WindowPlan
 from kvpress_like.plugins import get_registry
 from kvpress_like.prefill import forward
 
@@ -87,7 +89,9 @@ def test_every_chunking_keeps_the_budget_the_protected_tokens_and_bounds_the_cac
     pipeline = _pipeline(method, budget)
     result = pipeline.prefill(model, ids, prompt_chunk=chunk)
     report, cache = result.report, result.cache
-    appended = pipeline.window.plan(ids).n_appended
+    ends = sorted({length - k * chunk for k in range(-(-length // chunk))})
+    appended = max(pipeline.window.plan_round(ids[:, :end], start).n_appended  # the largest round's window
+                   for start, end in zip([0, *ends[:-1]], ends, strict=True))
     protected = None
     if report.budget < length:
         protected = pipeline.selector.checked_protected_mask(length, report.budget, "cpu")
@@ -118,6 +122,37 @@ def test_a_progressive_cache_continues_like_any_other():
     out = model.generate(torch.cat([ids, question], dim=1), max_new_tokens=6, do_sample=False,
                          **{cache_kwarg(model): theirs.cache})
     assert out[0, ids.shape[1] + question.shape[1]:].tolist() == answer
+
+
+class WholePromptScorer(Scorer):
+    """Reads hidden states without summing them over rounds: a progressive prefill must refuse it."""
+
+    name = "whole_prompt"
+    reads_hidden_states = True
+
+    def score(self, ctx):
+        return ctx.hidden_states.norm(dim=-1)[:, None].expand(-1, ctx.keys.shape[1], -1)
+
+
+class GrowingWindow(WindowBuilder):
+    """A window whose rounds would grow with the prompt."""
+
+    name = "growing"
+    streams = False
+
+    def plan(self, input_ids, question_span=None):
+        return WindowPlan(input_ids.shape[1], torch.arange(input_ids.shape[1]))
+
+
+@pytest.mark.parametrize(("part", "message"), [
+    ("scorer", "reads the whole prompt's hidden states"),
+    ("window", "rounds append rows that grow with the prompt"),
+])
+def test_parts_that_cannot_stream_are_refused(part, message):
+    pipeline = build("snapkv", budget="30%")
+    setattr(pipeline, part, WholePromptScorer() if part == "scorer" else GrowingWindow())
+    with pytest.raises(UnsupportedInputError, match=message):
+        pipeline.prefill(_model("llama"), random_ids(120), prompt_chunk=40)
 
 
 def test_a_padded_batch_is_refused_with_the_alternative():

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvpress_like import build
-from kvpress_like.errors import UnsupportedInputError
+from kvpress_like.parts import Scorer
 from kvpress_like.scorers.attention import AttentionConfig, AttentionScorer
 from kvpress_like.scorers.expected_attention import QueryMoments
 from kvpress_like.windows import ReconstructConfig, ReconstructWindow
@@ -76,9 +76,18 @@ def test_a_reconstruction_round_repeats_its_own_chunk_after_its_cue_at_positions
     assert torch.equal(_window(start=2).plan_round(ids, chunk_start=0).appended_ids, whole.appended_ids)
 
 
-def test_a_round_that_ends_before_the_reconstruction_starts_is_refused_with_the_alternative():
-    with pytest.raises(UnsupportedInputError, match="prompt_chunk longer than `start`"):
-        _window(start=12).plan_round(torch.arange(10)[None], chunk_start=0)
+def test_a_round_that_ends_before_the_reconstruction_starts_repeats_nothing():
+    plan = _window(start=12).plan_round(torch.arange(10)[None], chunk_start=0)
+    assert plan.window_rows.numel() == 0 and plan.n_appended == 0 and plan.prompt_length == 10
+
+
+def test_streaming_kvzip_runs_when_the_first_chunk_ends_before_the_reconstruction_starts():
+    """The first chunk takes the remainder: here 5 tokens, inside a 12-token template head."""
+    ids = random_ids(85, seed=5)
+    pipeline = build("kvzip", budget=20, window={"start": 12})
+    result = pipeline.prefill(_model(), ids, prompt_chunk=40)
+    assert all(sum(index.numel() for index in report.kept_indices[0]) == 20 * len(report.kept_indices[0])
+               for report in result.report.layers.values())
 
 
 def test_max_attention_scores_merge_by_max_and_others_by_the_newest_round():
@@ -126,3 +135,40 @@ def test_streaming_kvzip_keeps_the_top_of_every_rounds_largest_attention(length,
     for layer, report in result.report.layers.items():
         want = pipeline.selector.select(scores[layer][None].float(), budget)
         assert torch.equal(report.kept_indices, want)
+
+
+class PositionScorer(Scorer):
+    """Scores a chunk's rows by a fixed value of their prompt position and held rows by 0, merging by max: a
+    progressive prefill must then keep, per head, the top of those values over the whole prompt (held rows only
+    keep their value if their scores follow them through every selection)."""
+
+    name = "position_values"
+
+    def __init__(self, values: torch.Tensor):
+        super().__init__()
+        self.values = values
+
+    @property
+    def merges_rounds(self) -> bool:
+        return True
+
+    def merge_rounds(self, earlier, current):
+        return torch.maximum(earlier, current)
+
+    def score(self, ctx):
+        held = ctx.prompt_length - ctx.hidden_states.shape[1] if ctx.prompt_end is not None else 0
+        chunk = self.values[:, ctx.hidden_start : ctx.hidden_start + ctx.prompt_length - held]
+        return torch.cat([torch.zeros(1, ctx.keys.shape[1], held, dtype=chunk.dtype), chunk[None]], dim=-1)
+
+
+@settings(max_examples=15, deadline=None)
+@given(length=st.integers(60, 140), chunk=st.integers(10, 50), budget=st.integers(4, 30), seed=st.integers(0, 99))
+def test_held_rows_carry_their_merged_scores_through_every_rounds_selection(length, chunk, budget, seed):
+    model = _model()
+    values = torch.rand(model.config.num_key_value_heads, length, generator=torch.Generator().manual_seed(seed))
+    pipeline = build("snapkv", budget=budget, selector={"sinks": 0, "recent": 0}, allocator="uniform")
+    pipeline.scorer = PositionScorer(values)
+    result = pipeline.prefill(model, random_ids(length, seed=seed), prompt_chunk=chunk)
+    for report in result.report.layers.values():
+        want = values.topk(min(budget, length), dim=-1).indices.sort(dim=-1).values
+        assert torch.equal(report.kept_indices[0], want)

@@ -53,20 +53,14 @@ def run_case(model_name: str, method: str, length: int, budget: str, chunk_size:
     import torch
 
     from kvpress_like.eval.bench import bench_prompt, plain_prefill
-    from kvpress_like.eval.runner import MethodEntry, _budget_value, takes_no_budget
-    from kvpress_like.factory import build
+    from kvpress_like.eval.runner import build_at_budget
     from kvpress_like.models import load_model
 
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer = load_model(model_name)
     ids = bench_prompt(tokenizer, length).to(model.device)
-    if method == PLAIN:
-        pipeline = None
-    elif takes_no_budget(MethodEntry(method=method)):  # e.g. `full`: the compressed prefill's path, nothing dropped
-        pipeline = build(method)
-    else:
-        pipeline = build(method, budget=_budget_value(budget))
+    pipeline = None if method == PLAIN else build_at_budget(method, budget)  # `full`: our prefill, nothing dropped
 
     def prefill():
         if pipeline is None:

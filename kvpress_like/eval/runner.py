@@ -278,6 +278,16 @@ def takes_no_budget(entry: MethodEntry) -> bool:
     return False
 
 
+def build_at_budget(method: str, budget: str):
+    """The registered ``method`` at ``budget`` (text: "10%", "256", "0.1"); a method that keeps every token and
+    refuses a budget (``full``) is built without it."""
+    from kvpress_like.factory import build
+
+    if takes_no_budget(MethodEntry(method=method)):
+        return build(method)
+    return build(method, budget=_budget_value(budget))
+
+
 def build_candidate(entry: MethodEntry, budget: str) -> Candidate:
     from kvpress_like.factory import build
 
