@@ -172,3 +172,27 @@ def test_held_rows_carry_their_merged_scores_through_every_rounds_selection(leng
     for report in result.report.layers.values():
         want = values.topk(min(budget, length), dim=-1).indices.sort(dim=-1).values
         assert torch.equal(report.kept_indices[0], want)
+
+
+def test_merging_rounds_works_on_scores_that_are_views():
+    """With gqa="all_heads" the attention scorer returns an expanded view; merging must not write into it."""
+    pipeline = build("kvzip", budget=20, scorer={"gqa": "all_heads"})
+    result = pipeline.prefill(_model(), random_ids(90, seed=6), prompt_chunk=30)
+    assert len(result.report.layers) == _model().config.num_hidden_layers
+
+
+def test_window_rows_kept_for_a_later_forward_are_copies_not_views_of_the_layer_input():
+    """prefill_many runs the prompt, then the appended rows: the union window's prompt rows (one run with the
+    pseudo rows) are kept between the two forwards, and must not keep the whole layer input alive."""
+    from kvpress_like.compressor import LayerCompressor
+    from kvpress_like.parts import WindowPlan
+
+    plan = WindowPlan(10, torch.arange(8, 14), torch.zeros(1, 4, dtype=torch.long), torch.arange(10, 14)[None])
+    job = LayerCompressor(plan=plan, target=None, scorer=None, selector=None, allocator=None, budgets={0: 4},
+                          report=None, pipeline=None, rope_at=None)
+    hidden, cos = torch.randn(1, 10, 8), torch.randn(1, 10, 4)
+    job._capture(0, {"hidden_states": hidden, "position_embeddings": (cos, cos)}, start=0)
+    (rows, rows_cos, _), = job.captured[0]
+    assert rows.shape[1] == 2 and torch.equal(rows, hidden[:, 8:10])
+    assert rows.untyped_storage().data_ptr() != hidden.untyped_storage().data_ptr()
+    assert rows_cos.untyped_storage().data_ptr() != cos.untyped_storage().data_ptr()
