@@ -184,11 +184,11 @@ class LayerCompressor:
     def _local_rows(self, forward_rows: int, start: int, device) -> slice | torch.Tensor:
         """This forward's window rows in its own coordinates: a slice when the window is one run of rows (suffix
         and appended windows: views, no copies, a handful of operations less per layer), else an index."""
-        rows = self.plan.window_rows
-        if rows.numel() and int(rows[-1]) - int(rows[0]) + 1 == rows.numel() and bool((rows.diff() == 1).all()):
-            lo, hi = max(int(rows[0]), start), min(int(rows[-1]) + 1, start + forward_rows)
+        run = self.plan.row_run
+        if run is not None:
+            lo, hi = max(run[0], start), min(run[1], start + forward_rows)
             return slice(lo - start, max(lo, hi) - start)
-        rows = rows.to(device)
+        rows = self.plan.window_rows.to(device)
         return rows[(rows >= start) & (rows < start + forward_rows)] - start
 
     def _window_inputs(self, layer_idx: int, kwargs, start: int) -> Inputs:

@@ -7,6 +7,7 @@ hooks in :mod:`kvpress_like.hookspecs`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -56,6 +57,15 @@ class WindowPlan:
     @property
     def n_appended(self) -> int:
         return 0 if self.appended_ids is None else self.appended_ids.shape[1]
+
+    @functools.cached_property
+    def row_run(self) -> tuple[int, int] | None:
+        """``(first, end)`` when the window rows are one increasing run ``first … end-1`` (suffix and appended
+        windows), else ``None``; computed once per plan, not in every layer's hook."""
+        rows = self.window_rows
+        if not rows.numel() or not bool((rows.diff() == 1).all()):
+            return None
+        return int(rows[0]), int(rows[-1]) + 1
 
 
 class WindowBuilder(Part):

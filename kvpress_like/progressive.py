@@ -105,7 +105,8 @@ class RoundCompressor(LayerCompressor):
     def select(self, module, layer_idx: int, all_keys, all_values, kwargs, start: int):
         """A scorer that sums hidden states or merges rounds sees every round, also one that keeps every row."""
         scorer = self.scorer
-        if self.plan.prompt_length <= self.budgets[layer_idx] and (scorer.reads_hidden_states or scorer.merges_rounds):
+        if self.plan.prompt_length <= self.budgets[layer_idx] and (scorer.accumulates_hidden_states
+                                                                   or scorer.merges_rounds):
             self._scores(module, layer_idx, all_keys, all_values, kwargs, start)
         return super().select(module, layer_idx, all_keys, all_values, kwargs, start)
 

@@ -196,3 +196,18 @@ def test_window_rows_kept_for_a_later_forward_are_copies_not_views_of_the_layer_
     assert rows.shape[1] == 2 and torch.equal(rows, hidden[:, 8:10])
     assert rows.untyped_storage().data_ptr() != hidden.untyped_storage().data_ptr()
     assert rows_cos.untyped_storage().data_ptr() != cos.untyped_storage().data_ptr()
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(st.integers(0, 40), max_size=12), start=st.integers(0, 40), forward_rows=st.integers(1, 40))
+def test_a_window_run_read_as_a_slice_picks_the_rows_the_index_picks(rows, start, forward_rows):
+    from kvpress_like.compressor import LayerCompressor
+    from kvpress_like.parts import WindowPlan
+
+    window = torch.tensor(rows, dtype=torch.long)
+    job = LayerCompressor(plan=WindowPlan(50, window), target=None, scorer=None, selector=None, allocator=None,
+                          budgets={}, report=None, pipeline=None, rope_at=None)
+    picked = torch.arange(start, start + forward_rows)[job._local_rows(forward_rows, start, "cpu")]
+    want = window[(window >= start) & (window < start + forward_rows)]
+    assert torch.equal(picked, want)
+    assert (job.plan.row_run is not None) == (len(rows) > 0 and rows == list(range(rows[0], rows[0] + len(rows))))
