@@ -34,12 +34,17 @@ def window_attention(ctx: LayerContext, domain: Literal["visible", "prompt"] = "
     group = q_heads // kv_heads
     queries = ctx.queries.reshape(batch, kv_heads, group * window, head_dim).float() * ctx.scaling
     logits = (queries @ ctx.keys.float().transpose(-1, -2)).view(batch, kv_heads, group, window, total)
-    key_rows = torch.arange(total, device=logits.device)
-    hidden = key_rows[None, :] > ctx.query_rows.to(logits.device)[:, None]  # [window, total]: not yet seen
+    # Every query sees the keys before its own row, so only the columns from the earliest query's next row on
+    # (and, for "prompt", the appended rows) can be hidden: mask that tail, not [window, total].
+    tail = min(int(ctx.query_rows.min()) + 1, total) if ctx.query_rows.numel() else total
+    if domain == "prompt":
+        tail = min(tail, ctx.prompt_length)
+    key_rows = torch.arange(tail, total, device=logits.device)
+    hidden = key_rows[None, :] > ctx.query_rows.to(logits.device)[:, None]  # [window, total - tail]: not yet seen
     if domain == "prompt":
         hidden |= key_rows[None, :] >= ctx.prompt_length
-    probs = logits.masked_fill_(hidden, float("-inf")).softmax(dim=-1)
-    return probs[..., : ctx.prompt_length]
+    logits[..., tail:].masked_fill_(hidden, float("-inf"))
+    return logits.softmax(dim=-1)[..., : ctx.prompt_length]
 
 
 def pool_scores(scores: torch.Tensor, pooling: str, kernel: int) -> torch.Tensor:
