@@ -1,0 +1,72 @@
+"""Does a method keep the needle? The share of the answer's tokens each compressed layer keeps, per method.
+
+Builds a grid's samples (its tasks, lengths, seed and depths), compresses each sample's compressed part
+(the whole prompt question-aware, the context query-agnostic) with each of the grid's methods at one
+budget, and prints per method the mean over samples of the share of answer tokens kept in each
+compressed layer, and in how many samples every compressed layer kept every answer token. Answers lost
+with the needle kept were lost while reading; answers lost with the needle evicted, by the scorer.
+A diagnostic for the results pages (KVzip on Gemma, docs/results/gemma-long.md).
+
+    python scripts/needle_kept.py docs/results/grids/gemma-kvzip-4k.yaml --samples 5 --budget 10%
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from kvpress_like.eval.protocols import prepare
+from kvpress_like.eval.runner import build_candidate, grid_samples, load_grid, takes_no_budget
+from kvpress_like.models import load_model
+
+
+def answer_positions(ids: torch.Tensor, tokenizer, answer: str) -> list[int]:
+    """Positions in ``ids`` ``[T]`` of the last occurrence of ``answer``'s tokens (tried with and without a
+    leading space); an error when neither tokenisation occurs."""
+    row = ids.tolist()
+    for text in (answer.strip(), " " + answer.strip()):
+        pattern = tokenizer.encode(text, add_special_tokens=False)
+        for start in range(len(row) - len(pattern), -1, -1):
+            if row[start : start + len(pattern)] == pattern:
+                return list(range(start, start + len(pattern)))
+    raise ValueError(f"the answer {answer!r} is not in the compressed prompt as tokens; this diagnostic needs it there")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("grid")
+    parser.add_argument("--samples", type=int, default=5, help="first samples of each task and length")
+    parser.add_argument("--budget", default="10%")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    grid = load_grid(args.grid)
+    model, tokenizer = load_model(grid.model)
+    protocol = grid.protocols[0]
+    entries = [e for e in grid.methods if not takes_no_budget(e)]
+    samples = [s for s in grid_samples(grid, tokenizer) if s[2] < args.samples]
+    shares: dict[str, list[torch.Tensor]] = {e.name: [] for e in entries}
+    for task, length, index, sample in samples:
+        prompt = prepare(tokenizer, sample, protocol)
+        ids = prompt.input_ids[:, : prompt.compress_length]
+        needle = torch.tensor(answer_positions(ids[0], tokenizer, sample.answers[0]))
+        for entry in entries:
+            pipeline = build_candidate(entry, args.budget).pipeline
+            with torch.no_grad():
+                report = pipeline.prefill(model, ids, question_span=prompt.question_span).report
+            layers = sorted(report.layers)
+            kept = torch.stack([report.layers[i].kept_mask(ids.shape[1])[0, :, needle].float().mean() for i in layers])
+            shares[entry.name].append(kept)
+            print(f"{task} {length} #{index} {entry.name}: {', '.join(f'{v:.2f}' for v in kept.tolist())}", flush=True)
+    print(f"\nshare of the answer's tokens kept per compressed layer ({protocol}, budget {args.budget}, "
+          f"{len(samples)} samples); 'all' = samples with every answer token kept in every compressed layer")
+    for name, rows in shares.items():
+        table = torch.stack(rows)
+        whole = int((table == 1).all(dim=1).sum())
+        means = ", ".join(f"{v:.2f}" for v in table.mean(dim=0).tolist())
+        print(f"  {name:14s} mean {means}   all {whole}/{len(rows)}")
+
+
+if __name__ == "__main__":
+    main()
