@@ -38,13 +38,17 @@ def main() -> None:
     parser.add_argument("grid")
     parser.add_argument("--samples", type=int, default=5, help="first samples of each task and length")
     parser.add_argument("--budget", default="10%")
+    parser.add_argument("--methods", nargs="+", help="labels of the grid's methods to run (default: all)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     grid = load_grid(args.grid)
     model, tokenizer = load_model(grid.model)
     protocol = grid.protocols[0]
-    entries = [e for e in grid.methods if not takes_no_budget(e)]
+    entries = [e for e in grid.methods if not takes_no_budget(e) and (not args.methods or e.name in args.methods)]
+    if args.methods and len(entries) < len(args.methods):
+        known = [e.name for e in grid.methods if not takes_no_budget(e)]
+        parser.error(f"--methods {args.methods} are not all in the grid; its methods with a budget are {known}")
     samples = [s for s in grid_samples(grid, tokenizer) if s[2] < args.samples]
     shares: dict[str, list[torch.Tensor]] = {e.name: [] for e in entries}
     for task, length, index, sample in samples:
