@@ -18,19 +18,8 @@ import torch
 
 from kvpress_like.eval.protocols import prepare
 from kvpress_like.eval.runner import build_candidate, grid_samples, load_grid, takes_no_budget
+from kvpress_like.eval.tasks import answer_positions
 from kvpress_like.models import load_model
-
-
-def answer_positions(ids: torch.Tensor, tokenizer, answer: str) -> list[int]:
-    """Positions in ``ids`` ``[T]`` of the last occurrence of ``answer``'s tokens (tried with and without a
-    leading space); an error when neither tokenisation occurs."""
-    row = ids.tolist()
-    for text in (answer.strip(), " " + answer.strip()):
-        pattern = tokenizer.encode(text, add_special_tokens=False)
-        for start in range(len(row) - len(pattern), -1, -1):
-            if row[start : start + len(pattern)] == pattern:
-                return list(range(start, start + len(pattern)))
-    raise ValueError(f"the answer {answer!r} is not in the compressed prompt as tokens; this diagnostic needs it there")
 
 
 def main() -> None:
@@ -50,19 +39,19 @@ def main() -> None:
         known = [e.name for e in grid.methods if not takes_no_budget(e)]
         parser.error(f"--methods {args.methods} are not all in the grid; its methods with a budget are {known}")
     samples = [s for s in grid_samples(grid, tokenizer) if s[2] < args.samples]
-    shares: dict[str, list[torch.Tensor]] = {e.name: [] for e in entries}
+    pipelines = {e.name: build_candidate(e, args.budget).pipeline for e in entries}
+    shares: dict[str, list[torch.Tensor]] = {name: [] for name in pipelines}
     for task, length, index, sample in samples:
         prompt = prepare(tokenizer, sample, protocol)
         ids = prompt.input_ids[:, : prompt.compress_length]
-        needle = torch.tensor(answer_positions(ids[0], tokenizer, sample.answers[0]))
-        for entry in entries:
-            pipeline = build_candidate(entry, args.budget).pipeline
+        needle = torch.tensor(answer_positions(ids[0].tolist(), tokenizer, sample.answers[0]))
+        for name, pipeline in pipelines.items():
             with torch.no_grad():
                 report = pipeline.prefill(model, ids, question_span=prompt.question_span).report
             layers = sorted(report.layers)
             kept = torch.stack([report.layers[i].kept_mask(ids.shape[1])[0, :, needle].float().mean() for i in layers])
-            shares[entry.name].append(kept)
-            print(f"{task} {length} #{index} {entry.name}: {', '.join(f'{v:.2f}' for v in kept.tolist())}", flush=True)
+            shares[name].append(kept)
+            print(f"{task} {length} #{index} {name}: {', '.join(f'{v:.2f}' for v in kept.tolist())}", flush=True)
     print(f"\nshare of the answer's tokens kept per compressed layer ({protocol}, budget {args.budget}, "
           f"{len(samples)} samples); 'all' = samples with every answer token kept in every compressed layer")
     for name, rows in shares.items():

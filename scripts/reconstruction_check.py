@@ -13,16 +13,12 @@ gives KVzip's scores their meaning; one that does not gives attention that need 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from needle_kept import answer_positions
-
 from kvpress_like.eval.protocols import prepare
 from kvpress_like.eval.runner import build_candidate, grid_samples, load_grid
+from kvpress_like.eval.tasks import answer_positions
 from kvpress_like.models import load_model
 
 
@@ -48,7 +44,7 @@ def main() -> None:
     if entry is None:
         labels = [e.name for e in grid.methods]
         parser.error(f"no method labelled {args.method!r} in the grid; its methods are {labels}")
-    window = build_candidate(entry, "10%").pipeline.window
+    window = build_candidate(entry, "10%").pipeline.window  # any budget: only the window is used
     overall, needle = [], []
     for task, length, index, sample in grid_samples(grid, tokenizer):
         if index >= args.samples:
@@ -60,7 +56,7 @@ def main() -> None:
         ids = torch.cat([context, appended], dim=1)
         positions = torch.cat([torch.arange(length_)[None], plan.appended_positions], dim=1)
         targets = appended[0, 1:]  # row L + i predicts appended id i + 1
-        digits = torch.tensor(answer_positions(appended[0], tokenizer, sample.answers[0])) - 1
+        digits = torch.tensor(answer_positions(appended[0].tolist(), tokenizer, sample.answers[0])) - 1
         checked = torch.unique(torch.cat([torch.arange(0, targets.shape[0], args.stride), digits]))
         got = predicted_next(model, ids, positions, length_ + checked) == targets[checked]
         hits = dict(zip(checked.tolist(), got.tolist(), strict=True))

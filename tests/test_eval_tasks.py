@@ -7,7 +7,15 @@ import itertools
 import pytest
 
 from kvpress_like.errors import ConfigError
-from kvpress_like.eval.tasks import TASKS, Sample, insert_many, load_jsonl, make_samples, save_jsonl
+from kvpress_like.eval.tasks import (
+    TASKS,
+    Sample,
+    answer_positions,
+    insert_many,
+    load_jsonl,
+    make_samples,
+    save_jsonl,
+)
 from kvpress_like.eval.toy import byte_tokenizer
 
 
@@ -114,3 +122,27 @@ def test_user_samples_default_to_substring_match():
 def test_insert_many_keeps_order_within_a_slot():
     text = insert_many(["a", "b"], [(0.5, "x"), (0.5, "y"), (0.0, "z")])
     assert text.split("\n\n") == ["z", "a", "x", "y", "b"]
+
+
+def test_answer_positions_finds_the_last_occurrence(tokenizer):
+    ids = tokenizer.encode("x 4217 y 4217 z", add_special_tokens=False)
+    digits = tokenizer.encode("4217", add_special_tokens=False)
+    found = answer_positions(ids, tokenizer, " 4217 ")
+    assert [ids[i] for i in found] == digits
+    assert found[0] > ids.index(digits[0])  # the second of the two occurrences
+
+
+class _SpaceSensitiveTokenizer:
+    """"7" and " 7" are different tokens, as in many BPE vocabularies."""
+
+    def encode(self, text, add_special_tokens=False):
+        return {"7": [1], " 7": [2]}[text]
+
+
+def test_answer_positions_tries_the_answer_after_a_space():
+    assert answer_positions([5, 2, 5], _SpaceSensitiveTokenizer(), "7") == [1]
+
+
+def test_answer_positions_names_a_missing_answer(tokenizer):
+    with pytest.raises(ConfigError, match="'999' does not occur in these"):
+        answer_positions(tokenizer.encode("no number here", add_special_tokens=False), tokenizer, "999")

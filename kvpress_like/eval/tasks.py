@@ -119,6 +119,18 @@ def insert_many(paragraphs: list[str], needles: list[tuple[float, str]]) -> str:
     return "\n\n".join(out)
 
 
+def answer_positions(ids: list[int], tokenizer, answer: str) -> list[int]:
+    """Positions in the token ids ``ids`` of the last occurrence of ``answer``'s tokens (tokenised as it is, then
+    with a leading space, as inside prose); an error naming the answer when neither occurs."""
+    for text in (answer.strip(), " " + answer.strip()):
+        pattern = tokenizer.encode(text, add_special_tokens=False)
+        for start in range(len(ids) - len(pattern), -1, -1):
+            if ids[start : start + len(pattern)] == pattern:
+                return list(range(start, start + len(pattern)))
+    raise ConfigError(f"the answer {answer!r} does not occur in these {len(ids)} token ids, tokenised alone or after "
+                      "a space; the needle must lie in the ids searched (e.g. the compressed part of the prompt)")
+
+
 def _meta(tokenizer, context_tokens: int, depth: float, seed: int, **extra) -> dict:
     """A sample's ``meta``, its ``answer_prefix`` spelled to follow the tokenizer's prompt (``answer_opening``)."""
     if "answer_prefix" in extra:
