@@ -12,6 +12,10 @@ cache goes to the original attention unchanged, with the mask transformers built
 A prefill whose cache needs this switches the model to ``"kvpress_like"`` (so ``model.generate`` works
 with the cache as it is) and remembers the original implementation; :func:`restore_attention` switches
 back. ``flash_attention_2`` is refused until its variable-length path is written and tested on a GPU.
+
+An attention module may also carry a *query tap* (attribute :data:`QUERY_TAP`, a callable
+``tap(module, query)``): this attention hands it the layer's post-RoPE queries before attending
+(:mod:`kvpress_like.query_tap`, how a one-pass prefill scores without projecting its window again).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from kvpress_like.errors import UnsupportedModelError
 COMPRESSED_ATTENTION = "kvpress_like"
 BASES = ("sdpa", "eager")
 _BASE_ATTRIBUTE = "kvpress_like_base_attention"
+QUERY_TAP = "kvpress_like_query_tap"
 
 
 @dataclass
@@ -89,7 +94,11 @@ def _base_attention(module: torch.nn.Module) -> Callable:
 
 
 def compressed_attention_forward(module, query, key, value, attention_mask, **kwargs):
-    """The original attention, with this layer's own mask when the cache hands a :class:`MaskedKV`."""
+    """The original attention, with this layer's own mask when the cache hands a :class:`MaskedKV`; the module's
+    query tap, if it has one, sees ``query`` first."""
+    tap = getattr(module, QUERY_TAP, None)
+    if tap is not None:
+        tap(module, query)
     bundle = attention_mask if isinstance(attention_mask, MaskBundle) else MaskBundle(attention_mask, None)
     if not isinstance(key, MaskedKV):
         return _base_attention(module)(module, query, key, value, bundle.standard, **kwargs)

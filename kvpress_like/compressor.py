@@ -24,6 +24,7 @@ from kvpress_like.cache import CompressedCache
 from kvpress_like.compat import cache_from_hook_kwargs
 from kvpress_like.parts import Allocator, LayerContext, Scorer, Selector, WindowPlan
 from kvpress_like.plugins import get_plugin_manager
+from kvpress_like.query_tap import QueryTap
 from kvpress_like.ragged import RaggedLayer
 from kvpress_like.report import CompressionReport, LayerReport
 
@@ -36,7 +37,8 @@ class LayerCompressor:
 
     ``target`` is the cache that receives the kept rows; ``None`` prunes the cache the model was
     called with, in place. ``scores_memo`` (shared between compressors whose window and scorer are
-    identical) lets several budgets reuse one scoring.
+    identical) lets several budgets reuse one scoring. ``query_tap``: where the model's attention left the
+    window's queries (a one-pass prefill, :mod:`kvpress_like.query_tap`); without it they are projected again.
     """
 
     plan: WindowPlan
@@ -51,6 +53,7 @@ class LayerCompressor:
     keep_hidden_states: bool = False
     scores_memo: dict | None = None
     sequence: int = 0  # this compressor's row in a left-padded batch (see PaddedBatchCompressor)
+    query_tap: QueryTap | None = None
     captured: dict[int, list[Inputs]] = field(default_factory=dict)
     prompt_inputs: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     full_layer_bytes: dict[int, int] = field(default_factory=dict)  # bytes each layer held uncompressed
@@ -202,6 +205,19 @@ class LayerCompressor:
         parts = [*self.captured[layer_idx], current]
         return tuple(torch.cat(pieces, dim=1) for pieces in zip(*parts, strict=True))
 
+    def _window_queries(self, module, layer_idx: int, kwargs, start: int) -> torch.Tensor:
+        """Post-RoPE queries of the window: those the model's attention computed, when tapped; else the window's
+        attention inputs projected and rotated again."""
+        tapped = None if self.query_tap is None else self.query_tap.pop(layer_idx)
+        if tapped is not None:
+            return tapped
+        return window_queries(module, *self._window_inputs(layer_idx, kwargs, start))
+
+    @property
+    def scored_layers(self) -> list[int]:
+        """Layers whose budget is below the prompt's length: those that are scored (the others keep every row)."""
+        return [i for i, budget in self.budgets.items() if budget < self.plan.prompt_length]
+
     def _prompt_hidden_states(self, layer_idx: int, kwargs, start: int) -> torch.Tensor | None:
         """Attention inputs of the prompt rows ``[0, L)``; ``None`` after a chunk the scorer did not ask to keep."""
         if start > 0 and layer_idx not in self.prompt_inputs:
@@ -247,7 +263,7 @@ class LayerCompressor:
         ctx = LayerContext(
             layer_idx=layer_idx,
             module=module,
-            queries=window_queries(module, *self._window_inputs(layer_idx, kwargs, start)),
+            queries=self._window_queries(module, layer_idx, kwargs, start),
             keys=keys,
             values=values,
             query_rows=self.plan.window_rows,
@@ -336,5 +352,5 @@ def _check_kept(kept: torch.Tensor, score_shape: torch.Size, budget: int, select
         raise RuntimeError(
             f"{selector} returned kept indices of shape {tuple(kept.shape)}, expected {(batch, heads, budget)}"
         )
-    if kept.numel() and (kept.min() < 0 or kept.max() >= length):
+    if kept.numel() and any(bound < 0 or bound >= length for bound in torch.aminmax(kept)):
         raise RuntimeError(f"{selector} returned indices outside [0, {length})")

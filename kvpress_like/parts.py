@@ -215,15 +215,25 @@ class Selector(Part):
         return torch.zeros(prompt_length, dtype=torch.bool, device=device)
 
     def checked_protected_mask(self, prompt_length: int, budget: int, device: torch.device) -> torch.Tensor:
-        """:meth:`protected_mask`, refusing more protected tokens than the budget holds."""
-        protected = self.protected_mask(prompt_length, budget, device)
-        n_protected = int(protected.sum())
-        if n_protected > budget:
-            raise ConfigError(
-                f"{n_protected} protected tokens ({self!r}) do not fit a budget of {budget} tokens; "
-                "protect fewer tokens (for the built-in selectors: lower sinks/recent or raise the budget)"
-            )
-        return protected
+        """:meth:`protected_mask`, refusing more protected tokens than the budget holds.
+
+        Computed once per ``(prompt_length, budget, device)``: every layer of a prefill asks for the same mask,
+        and the selector's config is immutable (the mask is shared: read it, never write it).
+        """
+        memo = self.__dict__.setdefault("_protected_memo", {})
+        key = (prompt_length, budget, str(device))
+        if key not in memo:
+            protected = self.protected_mask(prompt_length, budget, device)
+            n_protected = int(protected.sum())
+            if n_protected > budget:
+                raise ConfigError(
+                    f"{n_protected} protected tokens ({self!r}) do not fit a budget of {budget} tokens; "
+                    "protect fewer tokens (for the built-in selectors: lower sinks/recent or raise the budget)"
+                )
+            if len(memo) >= 64:  # a long-running evaluation sees many lengths: keep the memo small
+                memo.clear()
+            memo[key] = protected
+        return memo[key]
 
     def select(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
         raise NotImplementedError

@@ -39,6 +39,7 @@ from kvpress_like.errors import ConfigError, UnsupportedInputError, UnsupportedM
 from kvpress_like.parts import WindowPlan
 from kvpress_like.plugins import get_plugin_manager
 from kvpress_like.position_wise import lean_mlps
+from kvpress_like.query_tap import tapped_queries
 from kvpress_like.ragged import RaggedLayer
 from kvpress_like.report import CompressionReport
 
@@ -85,6 +86,9 @@ def compressed_prefill(
     cache.track_peak = True
     with ExitStack() as stack:
         stack.enter_context(job.attached(adapter.attention_modules()))
+        if not padded:  # one forward holds every window row: its queries come from the model's attention call
+            job.query_tap = stack.enter_context(tapped_queries(model, _modules(adapter, job.scored_layers),
+                                                               _forward_rows(job.plan)))
         stack.enter_context(appended_rows_dropped(adapter, cache, sliding, job.plan.n_appended))
         stack.enter_context(lean_mlps(adapter.decoder.layers, chunk_size))
         last_prompt_row = job.plan.prompt_length - 1
@@ -240,6 +244,16 @@ def appended_rows_dropped(adapter: ModelAdapter, cache: CompressedCache, layers:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _modules(adapter: ModelAdapter, layers: list[int]) -> list[torch.nn.Module]:
+    wanted = set(layers)
+    return [module for module in adapter.attention_modules() if module.layer_idx in wanted]
+
+
+def _forward_rows(plan: WindowPlan) -> slice | torch.Tensor:
+    """The window's rows in a forward that starts at the prompt's first row: a slice when they are one run."""
+    return plan.window_rows if plan.row_run is None else slice(*plan.row_run)
 
 
 def _is_padded(attention_mask: torch.Tensor | None) -> bool:
