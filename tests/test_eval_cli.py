@@ -6,10 +6,13 @@ import json
 
 import pytest
 
+from kvpress_like import build
 from kvpress_like.cli import main
 from kvpress_like.errors import ConfigError
+from kvpress_like.eval import bench
 from kvpress_like.eval.tasks import load_jsonl
 from kvpress_like.eval.toy import save_toy_model
+from kvpress_like.models import load_model
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +82,19 @@ def test_bench_prints_ratios(toy_dir, tmp_path, capsys):
     dapq = rows[2]
     assert dapq["prefill_ratio"] > 0 and dapq["decode_ratio"] > 0 and dapq["peak_bytes"] > 0
     assert dapq["cache_fraction"] == pytest.approx(32 / 128)
-    assert "ratio to plain prefill" in capsys.readouterr().out
+    assert rows[0]["prefill_ratio_median"] == 1.0 and dapq["prefill_ratio_median"] > 0
+    printed = capsys.readouterr().out
+    assert "ratio to plain prefill" in printed and "median ratio per repeat" in printed
+
+
+def test_the_median_ratio_per_repeat_pairs_each_run_with_the_plain_prefill_of_its_repeat(toy_dir, monkeypatch):
+    times = iter([1.0, 1.5, 2.0, 2.2, 4.0, 4.0])  # plain, method; plain, method; plain, method
+    monkeypatch.setattr(bench, "_timed", lambda fn: (next(times), fn()))
+    model, tokenizer = load_model(toy_dir)
+    rows = bench.run_bench(model, tokenizer, [("dapq", build("dapq", budget=8))], [64], repeats=3, decode_tokens=0,
+                           progress=False)["rows"]
+    assert rows[1]["prefill_ratio"] == pytest.approx(1.5)  # fastest against fastest: 1.5 / 1.0
+    assert rows[1]["prefill_ratio_median"] == pytest.approx(1.1)  # median of 1.5, 1.1 and 1.0
 
 
 def test_probe_reproduces_table1_structure(toy_dir, tmp_path, capsys):

@@ -4,7 +4,10 @@ For each prompt length and method:
 
 * **prefill ratio** — prefill + compression time of the method (one ``Pipeline.prefill``) divided by a
   plain uncompressed prefill of the same prompt; both are measured ``repeats`` times, interleaved, and
-  the fastest runs are compared (noise on a busy machine only ever adds time);
+  the fastest runs are compared (noise on a busy machine only ever adds time). Beside it, the median over
+  the repeats of each run's ratio to the plain prefill of the same repeat: on a machine whose speed drifts
+  between minutes, a pair run seconds apart shares the drift, so the median shows how far the fastest-of
+  ratio can be trusted;
 * **decode ms/token** — greedy decoding of ``decode_tokens`` tokens (EOS ignored) from the compressed
   cache and from the full cache, interleaved likewise, and their ratio (skipped with ``decode_tokens=0``);
 * **cache bytes** — key/value bytes held after compression, their share of the full cache, and the most
@@ -136,6 +139,7 @@ def run_bench(
         full_ms = _ms(full_decode)
         rows.append({
             "length": length, "method": "full (plain prefill)", "prefill_s": plain, "prefill_ratio": 1.0,
+            "prefill_ratio_median": 1.0,
             "decode_ms_per_token": full_ms, "decode_ratio": 1.0 if full_ms else None, "cache_bytes": full_bytes,
             "cache_fraction": 1.0, "peak_cache_bytes": full_bytes, "peak_bytes": plain_peak,
             "peak_ratio": 1.0 if plain_peak else None, "budget_tokens": length,
@@ -145,8 +149,10 @@ def run_bench(
             peak = _peak(memory, label, length, chunk_size, prompt_chunk)
             seconds = min(method_times[label])
             decode_ms = _ms(method_decode[label])
+            paired = statistics.median(t / p for t, p in zip(method_times[label], plain_times, strict=True))
             rows.append({
                 "length": length, "method": label, "prefill_s": seconds, "prefill_ratio": seconds / plain,
+                "prefill_ratio_median": paired,
                 "decode_ms_per_token": decode_ms, "decode_ratio": decode_ms / full_ms if full_ms else None,
                 "cache_bytes": report.cache_bytes_after, "cache_fraction": report.cache_bytes_after / full_bytes,
                 "peak_cache_bytes": report.peak_cache_bytes, "peak_bytes": peak,
@@ -187,13 +193,17 @@ def bench_markdown(result: dict[str, Any], model_name: str, command: str | None 
     ]
     if command:
         lines += ["", "```bash", command, "```"]
-    lines += ["", "| prompt | method | kept/head | prefill+compress (s) | ratio to plain prefill | decode ms/token | "
+    paired = all("prefill_ratio_median" in r for r in result["rows"])  # records before it lack the column
+    lines += ["", "| prompt | method | kept/head | prefill+compress (s) | ratio to plain prefill | "
+              + ("median ratio per repeat | " if paired else "") + "decode ms/token | "
               "decode ratio | cache MiB | cache share | peak cache MiB | peak MiB | peak ratio |",
-              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+              "| ---: | --- | ---: | ---: | ---: | " + ("---: | " if paired else "")
+              + "---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["rows"]:
+        median = f"{r['prefill_ratio_median']:.3f} | " if paired else ""
         lines.append(
             f"| {r['length']} | {r['method']} | {r['budget_tokens']} | {r['prefill_s']:.2f} | "
-            f"{r['prefill_ratio']:.3f} | {_cell(r['decode_ms_per_token'], '.1f')} | "
+            f"{r['prefill_ratio']:.3f} | {median}{_cell(r['decode_ms_per_token'], '.1f')} | "
             f"{_cell(r['decode_ratio'], '.2f')} | {r['cache_bytes'] / 2**20:.1f} | {r['cache_fraction']:.3f} | "
             f"{_cell(r['peak_cache_bytes'], '.1f', 2**20)} | {_cell(r['peak_bytes'], '.0f', 2**20)} | "
             f"{_cell(r['peak_ratio'], '.2f')} |"
