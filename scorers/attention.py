@@ -102,7 +102,7 @@ def received_attention(
     block = rows_per_step(ctx, block)
     total = None
     for start in range(0, max(window, 1), block):
-        part = dataclasses.replace(
+        part = ctx if block >= window else dataclasses.replace(
             ctx, queries=ctx.queries[:, :, start : start + block], query_rows=ctx.query_rows[start : start + block]
         )
         probs = window_attention(part, domain)

@@ -23,8 +23,7 @@ from kvpress_like.eval.runner import build_at_budget
 from kvpress_like.models import load_model
 
 STAGES = [  # (owner, attribute, label), outermost last
-    (compressor.LayerCompressor, "_window_inputs", "window rows' inputs"),
-    (compressor, "window_queries", "window queries (projection, RoPE)"),
+    (compressor.LayerCompressor, "_window_queries", "window queries (tapped, else projected)"),
     (attention, "window_attention", "window attention (logits, mask, softmax)"),
     (attention, "pool_before_window", "pooling"),
     (compressor.LayerCompressor, "_scores", "scoring, all of it"),

@@ -95,6 +95,7 @@ def test_the_median_ratio_per_repeat_pairs_each_run_with_the_plain_prefill_of_it
                            progress=False)["rows"]
     assert rows[1]["prefill_ratio"] == pytest.approx(1.5)  # fastest against fastest: 1.5 / 1.0
     assert rows[1]["prefill_ratio_median"] == pytest.approx(1.1)  # median of 1.5, 1.1 and 1.0
+    assert rows[0]["prefill_s_each"] == [1.0, 2.0, 4.0] and rows[1]["prefill_s_each"] == [1.5, 2.2, 4.0]
 
 
 def test_probe_reproduces_table1_structure(toy_dir, tmp_path, capsys):

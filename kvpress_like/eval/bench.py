@@ -139,7 +139,7 @@ def run_bench(
         full_ms = _ms(full_decode)
         rows.append({
             "length": length, "method": "full (plain prefill)", "prefill_s": plain, "prefill_ratio": 1.0,
-            "prefill_ratio_median": 1.0,
+            "prefill_ratio_median": 1.0, "prefill_s_each": plain_times,
             "decode_ms_per_token": full_ms, "decode_ratio": 1.0 if full_ms else None, "cache_bytes": full_bytes,
             "cache_fraction": 1.0, "peak_cache_bytes": full_bytes, "peak_bytes": plain_peak,
             "peak_ratio": 1.0 if plain_peak else None, "budget_tokens": length,
@@ -152,7 +152,7 @@ def run_bench(
             paired = statistics.median(t / p for t, p in zip(method_times[label], plain_times, strict=True))
             rows.append({
                 "length": length, "method": label, "prefill_s": seconds, "prefill_ratio": seconds / plain,
-                "prefill_ratio_median": paired,
+                "prefill_ratio_median": paired, "prefill_s_each": method_times[label],
                 "decode_ms_per_token": decode_ms, "decode_ratio": decode_ms / full_ms if full_ms else None,
                 "cache_bytes": report.cache_bytes_after, "cache_fraction": report.cache_bytes_after / full_bytes,
                 "peak_cache_bytes": report.peak_cache_bytes, "peak_bytes": peak,
