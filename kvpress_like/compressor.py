@@ -3,7 +3,8 @@
 One mechanism only: a ``register_forward_hook(with_kwargs=True)`` on each attention module. After the
 module has written this forward's keys and values to the cache it was called with, the hook keeps the
 attention inputs of any window rows this forward holds; once every window row and the whole prompt
-have been seen, it recomputes the window's post-RoPE queries, scores the prompt keys, selects the kept
+have been seen, it takes the window's post-RoPE queries (from the model's attention call when a query
+tap holds them, else projected again from the kept inputs), scores the prompt keys, selects the kept
 set and writes the kept rows either back into that same cache (a one-pass prefill: the layer's full
 keys and values, and any appended rows, are released at once) or into a separate *target* cache
 (several pipelines sharing one prompt forward). Hooks are removed when the forward returns or raises.
