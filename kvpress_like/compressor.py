@@ -353,5 +353,8 @@ def _check_kept(kept: torch.Tensor, score_shape: torch.Size, budget: int, select
         raise RuntimeError(
             f"{selector} returned kept indices of shape {tuple(kept.shape)}, expected {(batch, heads, budget)}"
         )
-    if kept.numel() and any(bound < 0 or bound >= length for bound in torch.aminmax(kept)):
+    if not kept.numel():
+        return
+    low, high = torch.aminmax(kept)
+    if low < 0 or high >= length:
         raise RuntimeError(f"{selector} returned indices outside [0, {length})")

@@ -217,11 +217,11 @@ class Selector(Part):
     def checked_protected_mask(self, prompt_length: int, budget: int, device: torch.device) -> torch.Tensor:
         """:meth:`protected_mask`, refusing more protected tokens than the budget holds.
 
-        Computed once per ``(prompt_length, budget, device)``: every layer of a prefill asks for the same mask,
-        and the selector's config is immutable (the mask is shared: read it, never write it).
+        Computed once per ``(config, prompt_length, budget, device)``: every layer of a prefill asks for the same
+        mask (it is shared: read it, never write it).
         """
         memo = self.__dict__.setdefault("_protected_memo", {})
-        key = (prompt_length, budget, str(device))
+        key = (self.config, prompt_length, budget, str(device))
         if key not in memo:
             protected = self.protected_mask(prompt_length, budget, device)
             n_protected = int(protected.sum())

@@ -3,8 +3,8 @@
 A one-pass prefill (:func:`~kvpress_like.prefill.compressed_prefill`) puts the prompt and the window's
 appended rows through the model in one forward, so every window row's query is computed by the model's
 attention anyway. While it runs, the model uses the ``kvpress_like`` attention (:mod:`kvpress_like.attention`),
-which hands each compressed layer's queries to a :class:`QueryTap`; the tap keeps the window's rows and the
-compressor's hook, which runs right after that attention call, scores with them. Without the tap the hook
+which hands each compressed layer's queries to a :class:`QueryTap`; the tap keeps a copy of the window's rows
+and the compressor's hook, which runs right after that attention call, scores with them. Without the tap the hook
 projects and rotates the window's attention inputs again through the architecture adapter
 (:func:`~kvpress_like.adapters.window_queries`): the same computation, equal up to rounding (a matrix product
 over fewer rows may use another kernel), at the price of one query projection and one rotation per layer.
@@ -34,7 +34,8 @@ class QueryTap:
     taken: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def __call__(self, module: torch.nn.Module, query: torch.Tensor) -> None:
-        self.taken[module.layer_idx] = query[:, :, self.rows]
+        rows = self.rows if isinstance(self.rows, slice) else self.rows.to(query.device)  # layers may sit on any device
+        self.taken[module.layer_idx] = query[:, :, rows].clone()  # a copy: a view would keep the whole query alive
 
     def pop(self, layer_idx: int) -> torch.Tensor | None:
         """The window's queries of ``layer_idx`` (``None`` if its attention did not run through the tap)."""
