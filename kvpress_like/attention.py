@@ -129,12 +129,18 @@ AttentionInterface.register(COMPRESSED_ATTENTION, compressed_attention_forward)
 AttentionMaskInterface.register(COMPRESSED_ATTENTION, compressed_mask)
 
 
+def can_wrap(model) -> bool:
+    """Whether ``model`` uses (or can switch to) the ``kvpress_like`` attention: its attention is one of
+    :data:`BASES` or already this one."""
+    return model.config._attn_implementation in (*BASES, COMPRESSED_ATTENTION)
+
+
 def use_compressed_attention(model) -> None:
     """Switch ``model`` to the ``kvpress_like`` attention (a no-op if it already uses it)."""
     current = model.config._attn_implementation
     if current == COMPRESSED_ATTENTION:
         return
-    if current not in BASES:
+    if not can_wrap(model):
         raise UnsupportedModelError(
             f"this compressed cache needs per-layer attention masks, written for the {' and '.join(BASES)} "
             f"backends; the model uses {current!r}. Load it with attn_implementation='sdpa' (flash_attention_2 "

@@ -216,8 +216,9 @@ class LayerCompressor:
 
     @property
     def scored_layers(self) -> list[int]:
-        """Layers whose budget is below the prompt's length: those that are scored (the others keep every row)."""
-        return [i for i, budget in self.budgets.items() if budget < self.plan.prompt_length]
+        """Layers that :meth:`select` scores: those whose budget is below the prompt's length (the others keep
+        every row)."""
+        return [i for i, budget in self.budgets.items() if _evicts(budget, self.plan.prompt_length)]
 
     def _prompt_hidden_states(self, layer_idx: int, kwargs, start: int) -> torch.Tensor | None:
         """Attention inputs of the prompt rows ``[0, L)``; ``None`` after a chunk the scorer did not ask to keep."""
@@ -238,7 +239,7 @@ class LayerCompressor:
         allocator: the scores wait for :meth:`finish`."""
         length, budget = self.plan.prompt_length, self.budgets[layer_idx]
         keys, values = all_keys[:, :, :length], all_values[:, :, :length]
-        if budget >= length:  # nothing to evict: every prompt row stays, in order
+        if not _evicts(budget, length):  # every prompt row stays, in order
             kept = torch.arange(length, device=keys.device).expand(keys.shape[0], keys.shape[1], length)
             return kept, keys, values
         scores = self._scores(module, layer_idx, all_keys, all_values, kwargs, start)
@@ -340,6 +341,11 @@ class PaddedBatchCompressor(LayerCompressor):
         kept, keys, values = zip(*(done[b] for b in range(len(self.sequences))), strict=True)
         self._store(source, layer_idx, [list(k[0]) for k in keys], [list(v[0]) for v in values])
         return [list(k[0]) for k in kept]
+
+
+def _evicts(budget: int, prompt_length: int) -> bool:
+    """Whether a layer with ``budget`` drops prompt rows (and so is scored)."""
+    return budget < prompt_length
 
 
 def _count(local: slice | torch.Tensor, rows: int) -> int:

@@ -238,7 +238,7 @@ def appended_rows_dropped(adapter: ModelAdapter, cache: CompressedCache, layers:
     def drop(module, args, output) -> None:
         cache.drop_trailing_rows(module.layer_idx, rows)
 
-    handles = [m.register_forward_hook(drop) for m in adapter.attention_modules() if m.layer_idx in layers]
+    handles = [module.register_forward_hook(drop) for module in _modules(adapter, layers)]
     try:
         yield
     finally:
@@ -247,6 +247,7 @@ def appended_rows_dropped(adapter: ModelAdapter, cache: CompressedCache, layers:
 
 
 def _modules(adapter: ModelAdapter, layers: list[int]) -> list[torch.nn.Module]:
+    """The attention modules of ``layers``."""
     wanted = set(layers)
     return [module for module in adapter.attention_modules() if module.layer_idx in wanted]
 

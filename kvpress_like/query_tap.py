@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvpress_like.attention import BASES, COMPRESSED_ATTENTION, QUERY_TAP, compressed_attention
+from kvpress_like.attention import QUERY_TAP, can_wrap, compressed_attention
 
 
 @dataclass
@@ -47,7 +47,7 @@ def tapped_queries(model, modules: list[torch.nn.Module], rows: slice | torch.Te
     """Tap the queries of ``rows`` in ``modules``' attention calls until exit (``None``: the model's attention
     cannot be wrapped, nothing is tapped). The model's attention implementation and the modules are restored
     on exit, also on error."""
-    if model.config._attn_implementation not in (*BASES, COMPRESSED_ATTENTION) or not modules:
+    if not can_wrap(model) or not modules:
         yield None
         return
     tap = QueryTap(rows)
