@@ -16,6 +16,7 @@ from kvpress_like import (
     build,
 )
 from kvpress_like.attention import restore_attention
+from kvpress_like.selection import TopKSelector
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
@@ -150,6 +151,45 @@ def test_protected_tokens_that_fit_are_fine():
     report = pipeline.prefill(tiny_model("llama"), random_ids(40)).report
     for kept in report.kept_indices.values():
         assert torch.equal(kept, torch.tensor([0, 1, 2, 3, *range(32, 40)]).expand_as(kept))
+
+
+def test_the_protected_mask_is_computed_once_per_length_budget_and_config_and_the_memo_stays_small(monkeypatch):
+    selector = build("snapkv", budget=40).selector
+    calls = []
+    original = type(selector).protected_mask
+    monkeypatch.setattr(type(selector), "protected_mask", lambda self, *a: calls.append(a) or original(self, *a))
+    first = selector.checked_protected_mask(100, 40, "cpu")
+    assert selector.checked_protected_mask(100, 40, "cpu") is first and len(calls) == 1
+    assert int(first.sum()) == 32
+    selector.config = selector.Config(recent=8)  # another config: another mask, not the memoised one
+    assert int(selector.checked_protected_mask(100, 40, "cpu").sum()) == 8 and len(calls) == 2
+    for length in range(200, 300):  # many lengths (a long evaluation): the memo is emptied, not grown
+        assert int(selector.checked_protected_mask(length, 40, "cpu").sum()) == 8
+    assert len(selector._protected_memo) <= 64
+
+
+class _OutOfRange(TopKSelector):
+    def select(self, scores, budget):
+        return super().select(scores, budget) + scores.shape[-1]
+
+
+class _WrongCount(TopKSelector):
+    def select(self, scores, budget):
+        return super().select(scores, budget)[..., :-1]
+
+
+@pytest.mark.parametrize(("selector", "message"), [
+    (_OutOfRange, "_OutOfRange returned indices outside \\[0, 40\\)"),
+    (_WrongCount, "_WrongCount returned kept indices of shape \\(1, 2, 7\\), expected \\(1, 2, 8\\)"),
+])
+def test_a_selector_returning_impossible_indices_is_named_with_its_layer(selector, message):
+    model = tiny_model("llama")
+    pipeline = build("dapq", budget=8)
+    pipeline.selector = selector()
+    with pytest.raises(RuntimeError, match=message) as info:
+        pipeline.prefill(model, random_ids(40))
+    assert any("failed on layer 0" in note for note in info.value.__notes__)
+    assert not any(m._forward_hooks for m in model.modules())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -91,8 +91,13 @@ def test_the_median_ratio_per_repeat_pairs_each_run_with_the_plain_prefill_of_it
     times = iter([1.0, 1.5, 2.0, 2.2, 4.0, 4.0])  # plain, method; plain, method; plain, method
     monkeypatch.setattr(bench, "_timed", lambda fn: (next(times), fn()))
     model, tokenizer = load_model(toy_dir)
-    rows = bench.run_bench(model, tokenizer, [("dapq", build("dapq", budget=8))], [64], repeats=3, decode_tokens=0,
+    pipeline, attentions = build("dapq", budget=8), []
+    prefill = pipeline.prefill
+    pipeline.prefill = lambda *a, **k: attentions.append(model.config._attn_implementation) or prefill(*a, **k)
+    rows = bench.run_bench(model, tokenizer, [("dapq", pipeline)], [64], repeats=3, decode_tokens=0,
                            progress=False)["rows"]
+    # one untimed run first, so every timed run starts on the attention that a pruning prefill leaves
+    assert attentions == ["sdpa", "kvpress_like", "kvpress_like", "kvpress_like"]
     assert rows[1]["prefill_ratio"] == pytest.approx(1.5)  # fastest against fastest: 1.5 / 1.0
     assert rows[1]["prefill_ratio_median"] == pytest.approx(1.1)  # median of 1.5, 1.1 and 1.0
     assert rows[0]["prefill_s_each"] == [1.0, 2.0, 4.0] and rows[1]["prefill_s_each"] == [1.5, 2.2, 4.0]
