@@ -23,6 +23,7 @@ import torch
 from kvpress_like.adapters import window_queries
 from kvpress_like.cache import CompressedCache
 from kvpress_like.compat import cache_from_hook_kwargs
+from kvpress_like.layer_step import keep_all, score_layer, select_counts, select_rows
 from kvpress_like.parts import Allocator, LayerContext, Scorer, Selector, WindowPlan
 from kvpress_like.plugins import get_plugin_manager
 from kvpress_like.query_tap import QueryTap
@@ -144,7 +145,8 @@ class LayerCompressor:
             layer = source.layers[layer_idx]
             keys, values, budget = layer.keys[:, :, :length], layer.values[:, :, :length], self.budgets[layer_idx]
             try:
-                kept, keys, values = self._select_counts(scores, counts[layer_idx], budget, keys, values)
+                chosen = select_counts(scores, counts[layer_idx], budget, keys, values, self.selector)
+                kept, keys, values = chosen.kept, chosen.keys, chosen.values
             except Exception as error:
                 error.add_note(f"kvpress_like: {self.pipeline.name!r} failed on layer {layer_idx} (model-wide "
                                "selection); no cache was returned")
@@ -240,24 +242,15 @@ class LayerCompressor:
         length, budget = self.plan.prompt_length, self.budgets[layer_idx]
         keys, values = all_keys[:, :, :length], all_values[:, :, :length]
         if not _evicts(budget, length):  # every prompt row stays, in order
-            kept = torch.arange(length, device=keys.device).expand(keys.shape[0], keys.shape[1], length)
-            return kept, keys, values
+            chosen = keep_all(keys, values, length)
+            return chosen.kept, chosen.keys, chosen.values
         scores = self._scores(module, layer_idx, all_keys, all_values, kwargs, start)
-        protected = self.selector.checked_protected_mask(length, budget, keys.device)
         if self.allocator.model_wide:  # selected by finish(), once every layer is scored
+            protected = self.selector.checked_protected_mask(length, budget, keys.device)
             self.deferred[layer_idx] = (scores, protected, 0.0)
             return None
-        return self._select_counts(scores, self.allocator.head_budgets(scores, budget, protected), budget, keys, values)
-
-    def _select_counts(self, scores, counts, budget: int, keys, values):
-        """Kept indices, keys and values for ``counts`` ``[batch, kv_heads]`` tokens per head (dense when all are
-        ``budget``)."""
-        if bool((counts == budget).all()):
-            kept = self.selector.select(scores, budget)
-            _check_kept(kept, scores.shape, budget, type(self.selector).__name__)
-            index = kept.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
-            return kept, keys.gather(2, index), values.gather(2, index)
-        return self._select_ragged(scores, counts, keys, values)
+        chosen = select_rows(scores, budget, keys, values, self.allocator, self.selector)
+        return chosen.kept, chosen.keys, chosen.values
 
     def _scores(self, module, layer_idx: int, keys, values, kwargs, start: int) -> torch.Tensor:
         if self.scores_memo is not None and layer_idx in self.scores_memo:
@@ -275,27 +268,10 @@ class LayerCompressor:
             sequence=self.sequence,
             **self._prompt_context(layer_idx, kwargs, start),
         )
-        scores = self.scorer.score(ctx)
+        scores = score_layer(self.scorer, ctx)
         if self.scores_memo is not None:
             self.scores_memo[layer_idx] = scores.clone()
         return scores
-
-    def _select_ragged(self, scores, counts, keys, values) -> tuple[list[list[torch.Tensor]], ...]:
-        """Per (sequence, head) selection with its own count, stored without padding."""
-        kept, key_parts, value_parts = [], [], []
-        for b in range(scores.shape[0]):
-            kept_row, key_row, value_row = [], [], []
-            for h in range(scores.shape[1]):
-                count = int(counts[b, h])
-                index = self.selector.select(scores[b : b + 1, h : h + 1], count)[0, 0]
-                _check_kept(index[None, None], scores[b : b + 1, h : h + 1].shape, count, type(self.selector).__name__)
-                kept_row.append(index)
-                key_row.append(keys[b, h, index])
-                value_row.append(values[b, h, index])
-            kept.append(kept_row)
-            key_parts.append(key_row)
-            value_parts.append(value_row)
-        return kept, key_parts, value_parts
 
 
 @dataclass
@@ -351,16 +327,3 @@ def _evicts(budget: int, prompt_length: int) -> bool:
 def _count(local: slice | torch.Tensor, rows: int) -> int:
     """How many rows ``local`` (a slice or an index, see ``LayerCompressor._local_rows``) picks out of ``rows``."""
     return len(range(*local.indices(rows))) if isinstance(local, slice) else local.numel()
-
-
-def _check_kept(kept: torch.Tensor, score_shape: torch.Size, budget: int, selector: str) -> None:
-    batch, heads, length = score_shape
-    if kept.shape != (batch, heads, budget):
-        raise RuntimeError(
-            f"{selector} returned kept indices of shape {tuple(kept.shape)}, expected {(batch, heads, budget)}"
-        )
-    if not kept.numel():
-        return
-    low, high = torch.aminmax(kept)
-    if low < 0 or high >= length:
-        raise RuntimeError(f"{selector} returned indices outside [0, {length})")

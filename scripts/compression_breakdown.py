@@ -27,7 +27,7 @@ STAGES = [  # (owner, attribute, label), outermost last
     (attention, "window_attention", "window attention (logits, mask, softmax)"),
     (attention, "pool_before_window", "pooling"),
     (compressor.LayerCompressor, "_scores", "scoring, all of it"),
-    (compressor.LayerCompressor, "_select_counts", "selection and gather"),
+    (compressor, "select_rows", "selection and gather"),
     (compressor.LayerCompressor, "_store", "writing the kept rows"),
     (compressor.LayerCompressor, "_report_layer", "report and observer hook"),
     (compressor.LayerCompressor, "_hook", "whole hook"),
