@@ -10,6 +10,8 @@ from kvpress_like.attention import restore_attention, use_compressed_attention
 from kvpress_like.budget import Budget
 from kvpress_like.cache import CompressedCache
 from kvpress_like.catalog import list_parts
+from kvpress_like.decode_compression import DecodeEvents, DecodingReport
+from kvpress_like.decode_schedule import DecodingConfig
 from kvpress_like.errors import (
     ConfigError,
     DuplicateRegistrationError,
@@ -34,6 +36,9 @@ __all__ = [
     "CompressedCache",
     "CompressionReport",
     "ConfigError",
+    "DecodeEvents",
+    "DecodingConfig",
+    "DecodingReport",
     "DuplicateRegistrationError",
     "KVPressLikeError",
     "LayerReport",

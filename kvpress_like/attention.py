@@ -42,12 +42,15 @@ class MaskedKV:
     """Keys ``[batch, kv_heads, T, head_dim]`` of one layer and which rows are real, ``[batch, 1 | kv_heads, T]``.
 
     The last rows are those of the current forward; ``mark_new_rows(valid)`` records which of them were
-    padding (``valid`` ``[batch, q]``), so later steps never attend to them.
+    padding (``valid`` ``[batch, q]``), so later steps never attend to them. ``after_attention(query, valid)``,
+    when set, is told the forward's post-RoPE queries once the layer's attention has run (decode-time
+    compression reads its window there, :mod:`kvpress_like.decode_compression`).
     """
 
     keys: torch.Tensor
     valid: torch.Tensor
     mark_new_rows: Callable[[torch.Tensor], None]
+    after_attention: Callable[[torch.Tensor, torch.Tensor | None], None] | None = None  # (query, new rows' validity)
 
     def __getattr__(self, name: str):
         raise UnsupportedModelError(
@@ -113,7 +116,10 @@ def compressed_attention_forward(module, query, key, value, attention_mask, **kw
         visible = torch.zeros(visible.shape, dtype=query.dtype, device=query.device).masked_fill(
             ~visible, torch.finfo(query.dtype).min
         )
-    return _base_attention(module)(module, query, key.keys, value, visible, **kwargs)
+    output = _base_attention(module)(module, query, key.keys, value, visible, **kwargs)
+    if key.after_attention is not None:
+        key.after_attention(query, new_valid)
+    return output
 
 
 def compressed_mask(*args, attention_mask=None, q_length: int = 0, **kwargs) -> MaskBundle:

@@ -34,6 +34,7 @@ class CompressedCache(DynamicCache):
         self.own_masks = False  # set by a compressed prefill: layers are masked by kvpress_like.attention
         self.token_mask: torch.Tensor | None = None  # [batch, logical length]: which tokens are real (padding)
         self.added_valid: dict[int, torch.Tensor] = {}  # per layer: validity of rows added after the prefill
+        self.decoding = None  # a DecodeCompressor (kvpress_like.decode_compression) keeping it within its schedule
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """DynamicCache's update; during a prefill it notes the bytes held afterwards (``peak_nbytes``).
@@ -41,8 +42,12 @@ class CompressedCache(DynamicCache):
         With ``own_masks`` it returns a full-attention layer's rows as a :class:`MaskedKV`, and the first
         layer of each forward checks that the new tokens' positions follow what the cache has seen.
         """
+        position_ids = kwargs.get("kwargs", {}).get("position_ids")
         if self.own_masks and layer_idx == 0:
-            self._check_new_positions(kwargs.get("kwargs", {}).get("position_ids"))
+            self._check_new_positions(position_ids)
+        watched = self.decoding is not None and layer_idx in self.decoding.layers
+        if watched:
+            self.decoding.note_rows(self, layer_idx, key_states.shape[-2], position_ids)
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         self.note_peak()
         layer = self.layers[layer_idx]
@@ -56,7 +61,8 @@ class CompressedCache(DynamicCache):
         if added.shape[-1]:
             valid[..., -added.shape[-1] :] &= added[:, None, :]
         rows = key_states.shape[-2]
-        return MaskedKV(keys, valid, lambda new: self._mark_added(layer_idx, new, rows)), values
+        after = (lambda query, new: self.decoding.after_attention(self, layer_idx, query, new)) if watched else None
+        return MaskedKV(keys, valid, lambda new: self._mark_added(layer_idx, new, rows), after), values
 
     def note_peak(self) -> None:
         """While ``track_peak``: remember the most key/value bytes held so far."""
@@ -107,6 +113,21 @@ class CompressedCache(DynamicCache):
         else:
             start = 0
         layer.keys, layer.values = layer.keys[:, :, start:end], layer.values[:, :, start:end]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._refuse_under_decoding("beam search (reorder_cache)")
+        super().reorder_cache(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._refuse_under_decoding("repeating the batch (num_beams or num_return_sequences > 1)")
+        super().batch_repeat_interleave(repeats)
+
+    def _refuse_under_decoding(self, what: str) -> None:
+        if self.decoding is not None:
+            raise UnsupportedInputError(
+                f"{what} is not supported with decode-time compression: each beam would need its own decode "
+                "schedule. Use greedy or sampled decoding (num_beams=1), or build the pipeline without decoding"
+            )
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return super().get_seq_length(layer_idx) + self.evicted.get(layer_idx, 0)

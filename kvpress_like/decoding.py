@@ -69,7 +69,10 @@ def decode_batch(
     answers: list[list[int]] = [[] for _ in range(batch)]
     done = [False] * batch
     logits = first_logits
+    schedule = getattr(cache, "decoding", None)
     for step in range(max_new_tokens):
+        if schedule is not None:  # a pseudo decode window compresses between steps
+            schedule.between_steps(model, cache)
         token = next_token(logits, options, generator)
         for row in range(batch):
             if not done[row]:
@@ -78,4 +81,6 @@ def decode_batch(
         if all(done) or step == max_new_tokens - 1:
             break
         logits = feed(model, cache, token[:, None].to(model.device))
+    if schedule is not None:
+        schedule.note_peak(cache)
     return answers

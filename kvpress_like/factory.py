@@ -9,17 +9,21 @@ import yaml
 from pydantic import ValidationError
 
 from kvpress_like.budget import Budget
+from kvpress_like.decode_schedule import parse_decoding
 from kvpress_like.errors import ConfigError
 from kvpress_like.methods_spec import PART_KINDS, PartChoice
 from kvpress_like.parts import Part
 from kvpress_like.pipeline import Pipeline
 from kvpress_like.plugins import get_registry
 
-SPEC_KEYS = ("method", "budget", *PART_KINDS)
+SPEC_KEYS = ("method", "budget", *PART_KINDS, "decoding")
 
 
-def build(method: str, budget: Any = None, **overrides: Any) -> Pipeline:
+def build(method: str, budget: Any = None, decoding: Any = None, **overrides: Any) -> Pipeline:
     """A pipeline for the registered ``method`` with ``budget`` and optional part overrides.
+
+    ``decoding`` (``{"interval": 128, "target": 512}``, or ``{"ratio": 0.25}``; see
+    :mod:`kvpress_like.decode_schedule`) also compresses the cache while tokens are generated.
 
     An override is a part name (``window="semantic"``: that part with its defaults), a dict of
     options merged into the method's part (``scorer={"pooling": "max", "kernel": 7}``), or a dict with
@@ -30,7 +34,7 @@ def build(method: str, budget: Any = None, **overrides: Any) -> Pipeline:
         raise ConfigError(f"unknown override(s) {unknown}; valid overrides are: {', '.join(PART_KINDS)}")
     spec = get_registry().method(method)
     choices = {kind: _merge(kind, spec.part(kind), overrides.get(kind)) for kind in PART_KINDS}
-    return _assemble(method, budget, choices)
+    return _assemble(method, budget, choices, decoding)
 
 
 def needs_budget(method: str) -> bool:
@@ -53,13 +57,13 @@ def build_from_spec(spec: dict[str, Any] | str | Path) -> Pipeline:
         raise ConfigError(f"unknown spec key(s) {unknown}; valid keys are: {', '.join(SPEC_KEYS)}")
     parts = {kind: spec[kind] for kind in PART_KINDS if kind in spec}
     if "method" in spec:
-        return build(spec["method"], spec.get("budget"), **parts)
+        return build(spec["method"], spec.get("budget"), spec.get("decoding"), **parts)
     missing = [kind for kind in ("window", "scorer") if kind not in parts]
     if missing:
         raise ConfigError(f"a spec without 'method' must name its {' and '.join(missing)}")
     defaults = {"allocator": PartChoice(name="uniform"), "selector": PartChoice(name="topk")}
     choices = {kind: _merge(kind, defaults.get(kind), parts.get(kind)) for kind in PART_KINDS}
-    return _assemble(None, spec.get("budget"), choices)
+    return _assemble(None, spec.get("budget"), choices, spec.get("decoding"))
 
 
 def _merge(kind: str, current: PartChoice | None, override: Any) -> PartChoice:
@@ -79,7 +83,7 @@ def _merge(kind: str, current: PartChoice | None, override: Any) -> PartChoice:
     raise ConfigError(f"{kind} must be a part name or a dict of options, got {type(override).__name__}")
 
 
-def _assemble(method: str | None, budget: Any, choices: dict[str, PartChoice]) -> Pipeline:
+def _assemble(method: str | None, budget: Any, choices: dict[str, PartChoice], decoding: Any = None) -> Pipeline:
     parts = [_instantiate(kind, choices[kind]) for kind in PART_KINDS]
     allocator = parts[PART_KINDS.index("allocator")]
     if not allocator.uses_budget:
@@ -94,7 +98,7 @@ def _assemble(method: str | None, budget: Any, choices: dict[str, PartChoice]) -
         resolved_budget = Budget.model_validate(budget)
     except ValidationError as error:
         raise ConfigError(f"invalid budget {budget!r}: {_messages(error)}") from None
-    return Pipeline(method, resolved_budget, *parts)
+    return Pipeline(method, resolved_budget, *parts, decoding=parse_decoding(decoding))
 
 
 def _instantiate(kind: str, choice: PartChoice) -> Part:

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 
 from kvpress_like.budget import Budget
+from kvpress_like.decode_compression import DecodeCompressor
+from kvpress_like.decode_schedule import DecodingConfig
 from kvpress_like.decoding import decode_batch, parse_generation_options
 from kvpress_like.errors import ConfigError, UnsupportedInputError
 from kvpress_like.parts import Allocator, Scorer, Selector, WindowBuilder
@@ -26,9 +28,11 @@ class Pipeline:
         scorer: Scorer,
         allocator: Allocator,
         selector: Selector,
+        decoding: DecodingConfig | None = None,
     ):
         self.method, self.budget = method, budget
         self.window, self.scorer, self.allocator, self.selector = window, scorer, allocator, selector
+        self.decoding = None if decoding is None else _checked_decoding(decoding.resolved(window), scorer, selector)
         self.last_report = None
 
     @property
@@ -43,6 +47,8 @@ class Pipeline:
         if self.allocator.uses_budget:
             config["budget"] = self.budget.model_dump(exclude_none=True)
         parts = {p.kind: {"name": p.name, **p.config.model_dump()} for p in self.parts}
+        if self.decoding is not None:
+            parts["decoding"] = self.decoding.model_dump(exclude_none=True)
         return {**config, **parts}
 
     @property
@@ -50,7 +56,8 @@ class Pipeline:
         return (self.window, self.scorer, self.allocator, self.selector)
 
     def __repr__(self) -> str:
-        return f"Pipeline({self.name!r}, budget={self.budget}, parts={list(self.parts)})"
+        decoding = "" if self.decoding is None else f", decoding={self.decoding.model_dump(exclude_none=True)}"
+        return f"Pipeline({self.name!r}, budget={self.budget}, parts={list(self.parts)}{decoding})"
 
     def prefill(
         self,
@@ -79,9 +86,13 @@ class Pipeline:
                                             "prefill padded batches without prompt_chunk")
             result = progressive_prefill(model, input_ids, self, prompt_chunk, question_span, chunk_size,
                                          interim_factor)
-            self.last_report = result.report
-            return result
-        result = compressed_prefill(model, input_ids, self, attention_mask, question_span, chunk_size)
+        else:
+            result = compressed_prefill(model, input_ids, self, attention_mask, question_span, chunk_size)
+        if self.decoding is not None:
+            padded = attention_mask is not None and not bool(attention_mask.bool().all())
+            compressor = DecodeCompressor(model, self, self.decoding, result.report, input_ids, padded)
+            result.cache.decoding, result.cache.own_masks = compressor, True
+            result.report.decoding = compressor.report
         self.last_report = result.report
         return result
 
@@ -105,8 +116,9 @@ class Pipeline:
         only the context is compressed and the question is fed after it (kvpress's protocol).
         A list of contexts (and of questions) runs as one left-padded batch, each sequence compressed and
         answered as if alone; the answers come back as a list. ``chunk_size``, ``prompt_chunk`` and
-        ``interim_factor`` chunk the prefill (see :meth:`prefill`). Options: ``do_sample``, ``temperature``,
-        ``top_k``, ``top_p``, ``seed``, ``stop_at_eos``.
+        ``interim_factor`` chunk the prefill (see :meth:`prefill`). With a decode schedule (``build(...,
+        decoding=...)``) the cache is also compressed while the answer is generated. Options: ``do_sample``,
+        ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop_at_eos``.
         """
         options = parse_generation_options(generation_kwargs)
         contexts, questions = _as_batch(context, question)
@@ -127,6 +139,16 @@ class Pipeline:
         answers = decode_batch(model, result.cache, logits, max_new_tokens, options, eos_ids(model, tokenizer))
         texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in answers]
         return texts if isinstance(context, list) else texts[0]
+
+
+def _checked_decoding(decoding: DecodingConfig, scorer: Scorer, selector: Selector) -> DecodingConfig:
+    """Refuse a decode schedule the method's parts cannot run."""
+    if scorer.reads_hidden_states:
+        raise ConfigError(f"the {scorer.name!r} scorer reads the prompt's hidden states, which a decode-time event "
+                          "does not have: build this method without decoding, or choose another scorer")
+    if decoding.target is not None:  # a ratio's target is checked at each event
+        selector.checked_protected_mask(decoding.target + decoding.interval, decoding.target, torch.device("cpu"))
+    return decoding
 
 
 def _as_batch(context, question) -> tuple[list[str], list[str | None]]:

@@ -425,6 +425,8 @@ def feed(
             seen = torch.ones(batch, cache.get_seq_length(), dtype=torch.bool, device=model.device)
         positions = seen.sum(dim=1, keepdim=True) + new.long().cumsum(dim=1) - 1
         mask = cache.token_mask = torch.cat([seen, new], dim=1)
+    if getattr(cache, "decoding", None) is not None:
+        cache.decoding.note_ids(input_ids)
     with compressed_attention(model, cache):
         return forward(model, cache, input_ids.to(model.device), positions.clamp(min=0), attention_mask=mask)
 

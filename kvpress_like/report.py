@@ -55,7 +55,9 @@ class CompressionReport:
     ``prompt_chunk`` the chunk of a progressive one (:mod:`kvpress_like.progressive`). For a
     left-padded batch ``prompt_length`` is the padded length, ``sequence_lengths`` each sequence's own,
     ``budget`` (and each ``LayerReport.budget``) a list with one budget per sequence, and kept indices are
-    per sequence in its own positions.
+    per sequence in its own positions. ``decoding`` (a :class:`~kvpress_like.decode_compression.DecodingReport`)
+    records every decode-time event and the peak cache bytes after the prefill, when the pipeline has a decode
+    schedule.
     """
 
     method: str
@@ -72,6 +74,7 @@ class CompressionReport:
     sequence_lengths: list[int] | None = None
     seconds: float = 0.0
     prefill_seconds: float = 0.0
+    decoding: object | None = None  # a DecodingReport (kvpress_like.decode_compression) when decoding compresses
 
     @property
     def kept_indices(self) -> dict[int, torch.Tensor]:
