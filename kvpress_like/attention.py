@@ -51,6 +51,7 @@ class MaskedKV:
     valid: torch.Tensor
     mark_new_rows: Callable[[torch.Tensor], None]
     after_attention: Callable[[torch.Tensor, torch.Tensor | None], None] | None = None  # (query, new rows' validity)
+    all_valid: bool = False  # every row is real (a dense layer of an unpadded batch): a one-token step needs no mask
 
     def __getattr__(self, name: str):
         raise UnsupportedModelError(
@@ -109,17 +110,26 @@ def compressed_attention_forward(module, query, key, value, attention_mask, **kw
     new_valid = None if bundle.new_valid is None else bundle.new_valid[:, -q_length:]
     if new_valid is not None:
         key.mark_new_rows(new_valid)
-    visible = layer_mask(key.valid, q_length, new_valid)
+    if q_length == 1 and key.all_valid and (new_valid is None or bool(new_valid.all())):
+        output = _base_attention(module)(module, query, key.keys, value, None, **kwargs)  # sees every row
+    else:
+        output = _base_attention(module)(module, query, key.keys, value, _own_mask(module, query, key, new_valid),
+                                         **kwargs)
+    if key.after_attention is not None:
+        key.after_attention(query, new_valid)
+    return output
+
+
+def _own_mask(module, query: torch.Tensor, key: MaskedKV, new_valid: torch.Tensor | None) -> torch.Tensor:
+    """The layer's mask ``[batch, q_heads, q, T]`` (bool for sdpa, additive for eager) from its rows' validity."""
+    visible = layer_mask(key.valid, query.shape[2], new_valid)
     group = query.shape[1] // visible.shape[1] if visible.shape[1] > 1 else 1
     visible = visible.repeat_interleave(group, dim=1)
     if _base(module) == "eager":
         visible = torch.zeros(visible.shape, dtype=query.dtype, device=query.device).masked_fill(
             ~visible, torch.finfo(query.dtype).min
         )
-    output = _base_attention(module)(module, query, key.keys, value, visible, **kwargs)
-    if key.after_attention is not None:
-        key.after_attention(query, new_valid)
-    return output
+    return visible
 
 
 def compressed_mask(*args, attention_mask=None, q_length: int = 0, **kwargs) -> MaskBundle:

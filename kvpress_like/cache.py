@@ -62,7 +62,8 @@ class CompressedCache(DynamicCache):
             valid[..., -added.shape[-1] :] &= added[:, None, :]
         rows = key_states.shape[-2]
         after = (lambda query, new: self.decoding.after_attention(self, layer_idx, query, new)) if watched else None
-        return MaskedKV(keys, valid, lambda new: self._mark_added(layer_idx, new, rows), after), values
+        all_valid = self.token_mask is None and not isinstance(layer, RaggedLayer)
+        return MaskedKV(keys, valid, lambda new: self._mark_added(layer_idx, new, rows), after, all_valid), values
 
     def note_peak(self) -> None:
         """While ``track_peak``: remember the most key/value bytes held so far."""
