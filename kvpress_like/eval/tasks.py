@@ -392,3 +392,10 @@ def load_jsonl(path: str | Path) -> list[Sample]:
         except ValueError as error:
             raise ConfigError(f"{path}:{number}: not a valid sample ({error})") from None
     return samples
+
+
+# RULER's eleven offline tasks (kvpress_like.eval.ruler), registered beside the ones above.
+from kvpress_like.eval.ruler import generators as _ruler_generators  # noqa: E402
+
+TASKS.update({name: TaskSpec(name, generate, False, summary)
+              for name, (generate, summary) in _ruler_generators().items()})
