@@ -45,6 +45,15 @@ BUILTIN_PLUGINS = (
     "kvpress_like.methods.chunked",
     "kvpress_like.methods.dapq_plus",
     "kvpress_like.methods.kvzip",
+    "kvpress_like.scorers.keydiff",
+    "kvpress_like.scorers.lagkv",
+    "kvpress_like.scorers.cur",
+    "kvpress_like.scorers.non_causal",
+    "kvpress_like.methods.keydiff",
+    "kvpress_like.methods.lagkv",
+    "kvpress_like.methods.cur",
+    "kvpress_like.methods.observed_attention",
+    "kvpress_like.methods.non_causal_attention",
 )
 
 _REGISTRATION_HOOKS = {
