@@ -42,9 +42,10 @@ MAX_NEAR_TIES = 3  # per (sequence, head): more would make the comparison too lo
 
 # Every built-in method has a reference test below (see test_every_registered_method_is_covered).
 METHODS = [
-    "ada_dapq", "ada_snapkv", "critical_dapq", "critical_snapkv", "dapq", "dapq_chunk", "dapq_plus", "dapq_pyramid",
-    "expected_attention", "full", "h2o", "knorm", "kvzip", "kvzip_dapq", "pyramidkv", "random", "snapkv",
-    "snapkv_chunk", "streaming_llm", "tova",
+    "ada_dapq", "ada_snapkv", "critical_dapq", "critical_snapkv", "cur", "dapq", "dapq_chunk", "dapq_plus",
+    "dapq_pyramid", "expected_attention", "full", "h2o", "keydiff", "knorm", "kvzip", "kvzip_dapq", "lagkv",
+    "non_causal_attention", "observed_attention", "pyramidkv", "random", "snapkv", "snapkv_chunk", "streaming_llm",
+    "tova",
 ]
 
 
@@ -687,6 +688,175 @@ def test_dapq_plus_matches_reference(arch, length, budget):
         scores = torch.cat([zero_padded_avg_pool(raw[..., :start], KERNEL), raw[..., start:]], dim=-1)
         expected = chunk_reference(scores, budget, protected)
         assert_masks_match(dense_mask(report, layer, length, budget), expected, what=f"layer {layer}")
+
+
+# ---------------------------------------------------------------------------------------------
+# kvpress parity: keydiff, cur, lagkv, observed_attention, non_causal_attention
+# ---------------------------------------------------------------------------------------------
+
+
+def assert_best_kept(kept_mask: torch.Tensor, scores: torch.Tensor, budget: int, protected: set[int] = frozenset(),
+                     what: str = ""):
+    """Top-k up to ties: per (b, h) exactly ``budget`` tokens, every protected one, and no evicted token scoring
+    above a kept unprotected one (equal scores may go either way; used where scores tie exactly, e.g. ranks)."""
+    batch, heads, length = scores.shape
+    for b in range(batch):
+        for h in range(heads):
+            kept = set(torch.nonzero(kept_mask[b, h]).flatten().tolist())
+            assert len(kept) == budget, f"{what} batch {b} head {h}: kept {len(kept)} tokens, not {budget}"
+            assert set(protected) <= kept, f"{what} batch {b} head {h}: protected {sorted(set(protected) - kept)} lost"
+            s = scores[b, h].tolist()
+            chosen = [s[j] for j in kept - set(protected)]
+            evicted = [s[j] for j in range(length) if j not in kept]
+            if chosen and evicted:
+                tol = tol_of(scores[b, h])
+                assert min(chosen) >= max(evicted) - tol, f"{what} batch {b} head {h}: a better token was evicted"
+
+
+def keydiff_scores(ref: Reference, layer: int) -> torch.Tensor:
+    """−cos(k_j, a) with a = the mean over j of k_j / ‖k_j‖, per KV head."""
+    keys = ref.keys[layer]
+    unit = keys / keys.norm(dim=-1, keepdim=True)
+    anchor = unit.mean(dim=2, keepdim=True)
+    return -(keys * anchor).sum(-1) / (keys.norm(dim=-1) * anchor.norm(dim=-1))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_keydiff_matches_reference(arch):
+    length, budget = 128, 45
+    ref = reference_forward(arch, length, pseudo=False)
+    report = run("keydiff", arch, length, budget).report
+    scores = {layer: keydiff_scores(ref, layer) for layer in range(n_layers(arch))}
+    check_topk_method(report, scores, dict.fromkeys(scores, budget), length)
+
+
+def cur_scores(ref: Reference, layer: int, window: int = 16) -> torch.Tensor:
+    """‖k_j‖² / Σ_{window of j} ‖k‖², the same for values, multiplied, then divided by the sum over the prompt."""
+    energies = []
+    for states in (ref.keys[layer], ref.values[layer]):
+        energy = (states**2).sum(-1)
+        local = torch.zeros_like(energy)
+        for start in range(0, ref.length, window):
+            block = energy[..., start : start + window]
+            local[..., start : start + window] = block / block.sum(-1, keepdim=True)
+        energies.append(local)
+    product = energies[0] * energies[1]
+    return product / product.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("length", "budget"), [(128, 40), (100, 37)])  # 100: a last window of 4 tokens
+def test_cur_matches_reference(arch, length, budget):
+    ref = reference_forward(arch, length, pseudo=False)
+    report = run("cur", arch, length, budget).report
+    scores = {layer: cur_scores(ref, layer) for layer in range(n_layers(arch))}
+    check_topk_method(report, scores, dict.fromkeys(scores, budget), length, lambda _: set(range(4)))
+
+
+def lagkv_scores(ref: Reference, layer: int, n_sink: int, lag: int) -> torch.Tensor:
+    """LagKV, token by token: partitions of ``lag`` after the sinks; partition p's tokens are normalised channel
+    by channel by partition p+1's min and max; std over channels; softmax over p's tokens; key and value shares
+    averaged; score = rank inside p / lag. Sinks and the last full partition + rest score 1. Short prompts:
+    sinks 1, then (j − n_sink) / (L − n_sink)."""
+    length = ref.length
+    batch, heads = ref.keys[layer].shape[:2]
+    scores = torch.ones(batch, heads, length, dtype=torch.float64)
+    if length < n_sink + 2 * lag:
+        for j in range(n_sink, length):
+            scores[..., j] = (j - n_sink) / (length - n_sink)
+        return scores
+    n_parts = (length - n_sink) // lag
+    for b in range(batch):
+        for h in range(heads):
+            for p in range(n_parts - 1):
+                start, nxt = n_sink + p * lag, n_sink + (p + 1) * lag
+                share = torch.zeros(lag, dtype=torch.float64)
+                for states in (ref.keys[layer][b, h], ref.values[layer][b, h]):
+                    low, high = states[nxt : nxt + lag].min(0).values, states[nxt : nxt + lag].max(0).values
+                    spread = torch.stack([((states[j] - low) / (high - low)).std() for j in range(start, nxt)])
+                    share += spread.softmax(0) / 2
+                order = sorted(range(lag), key=lambda i: float(share[i]))
+                for rank, i in enumerate(order):
+                    scores[b, h, start + i] = rank / lag
+    return scores
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("length", "budget", "lag"), [
+    (100, 50, 16),  # 5 ranked partitions, 20 tokens scored 1, the cut between two rank levels
+    (110, 47, 16),  # a tail of 26 tokens, the cut inside a rank level (equal ranks go either way)
+    (130, 40, 128),  # too short for two partitions: sinks + the most recent tokens
+])
+def test_lagkv_matches_reference(arch, length, budget, lag):
+    ref = reference_forward(arch, length, pseudo=False)
+    report = run("lagkv", arch, length, budget, scorer={"lag": lag}).report
+    for layer in range(n_layers(arch)):
+        scores = lagkv_scores(ref, layer, n_sink=4, lag=lag)
+        assert_best_kept(dense_mask(report, layer, length, budget), scores, budget, what=f"layer {layer}")
+    if lag == 128:
+        expected = list(range(4)) + list(range(length - (budget - 4), length))
+        assert all(row == expected for row in report.layers[0].kept_indices.reshape(-1, budget).tolist())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_observed_attention_matches_reference(arch):
+    """Σ over every prompt query of the attention key j receives, ÷ (L − j) queries that see it, GQA mean."""
+    length, budget = 128, 50
+    ref = reference_forward(arch, length, pseudo=False)
+    report = run("observed_attention", arch, length, budget).report
+    seen_by = torch.arange(length, 0, -1, dtype=torch.float64)
+    scores = {
+        layer: group_mean(received_attention(ref, layer, range(length)) / seen_by, kv_heads(arch))
+        for layer in range(n_layers(arch))
+    }
+    check_topk_method(report, scores, dict.fromkeys(scores, budget), length)
+
+
+def post_rope_queries(arch: str, ref: Reference, layer: int) -> torch.Tensor:
+    """The prompt's queries ``[B, H, L, d]``: q_proj of the normed layer input (Qwen3: q_norm), rotated by RoPE
+    at each row's position."""
+    model = model_for(arch)
+    config, attn = model.config, model.model.layers[layer].self_attn
+    heads, dim, length = config.num_attention_heads, config.head_dim, ref.length
+    with torch.no_grad():
+        hidden = model.model.layers[layer].input_layernorm(ref.hidden[layer][:, :length])
+        queries = attn.q_proj(hidden).view(BATCH, length, heads, dim)
+        if getattr(attn, "q_norm", None) is not None:
+            queries = attn.q_norm(queries)
+    queries = queries.transpose(1, 2).double()
+    theta = config.rope_parameters["rope_theta"]
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    rotated = torch.stack([queries[:, :, j] @ rotation_matrix(j, inv_freq, dim).T for j in range(length)], dim=2)
+    return rotated
+
+
+def non_causal_scores(arch: str, ref: Reference, layer: int, chunk: int) -> torch.Tensor:
+    """Within each chunk of rows, softmax over the chunk's keys of the unscaled q·k (no causal mask), summed over
+    the chunk's queries; GQA mean; × ‖v‖; zero-padded average pool of 3; (s − mean) / std over heads and tokens
+    of each sequence."""
+    queries, keys = post_rope_queries(arch, ref, layer), ref.keys[layer]
+    heads, n_kv, length = queries.shape[1], keys.shape[1], ref.length
+    received = torch.zeros(BATCH, heads, length, dtype=torch.float64)
+    for h in range(heads):
+        k = keys[:, h // (heads // n_kv)]
+        for start in range(0, length, chunk):
+            stop = min(start + chunk, length)
+            logits = queries[:, h, start:stop] @ k[:, start:stop].transpose(-1, -2)
+            received[:, h, start:stop] = logits.softmax(-1).sum(1)
+    pooled = zero_padded_avg_pool(group_mean(received, n_kv) * ref.values[layer].norm(dim=-1), 3)
+    flat = pooled.reshape(BATCH, -1)
+    return (pooled - flat.mean(1)[:, None, None]) / flat.std(1)[:, None, None]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("length", "budget", "chunk"), [(128, 50, None), (130, 41, 48)])
+def test_non_causal_attention_matches_reference(arch, length, budget, chunk):
+    """``chunk`` 48 cuts a 130-token prompt into 48 + 48 + 34 rows; by default (256) it is one chunk."""
+    ref = reference_forward(arch, length, pseudo=False)
+    overrides = {} if chunk is None else {"scorer": {"chunk": chunk}}
+    report = run("non_causal_attention", arch, length, budget, **overrides).report
+    scores = {layer: non_causal_scores(arch, ref, layer, chunk or 256) for layer in range(n_layers(arch))}
+    check_topk_method(report, scores, dict.fromkeys(scores, budget), length)
 
 
 # ---------------------------------------------------------------------------------------------
