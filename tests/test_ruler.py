@@ -7,13 +7,16 @@ import collections
 import itertools
 import math
 import re
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvpress_like.errors import ConfigError
+from kvpress_like.eval.metrics import wilson_interval
 from kvpress_like.eval.ruler import NIAH, NOISE, string_match_all, string_match_part, zeta, zipf_counts
+from kvpress_like.eval.ruler_calibration import DOCUMENT, calibration, render
 from kvpress_like.eval.tasks import TASKS, make_samples
 from kvpress_like.eval.toy import byte_tokenizer
 
@@ -213,3 +216,24 @@ def test_any_niah_sample_fits_and_holds_each_needle_once(task, seed, target):
     assert sample.meta["length"] <= target
     for value in sample.answers:
         assert sample.context.count(f" is: {value}.") == 1
+
+
+CALIBRATION = Path(__file__).resolve().parent.parent / "docs" / "results" / "ruler-calibration"
+
+
+def _record(task, score, correct, seconds=2.0):
+    return {"task": task, "length": 1024, "seconds": seconds,
+            "reference": {"score": score, "correct": correct, "answer_tokens": 4}}
+
+
+def test_calibration_keeps_a_task_from_a_half_score_on():
+    records = [_record("a", 1.0, True), _record("a", 0.0, False), _record("b", 0.5, False), _record("b", 0.25, False)]
+    rows = {row["task"]: row for row in calibration(records)}
+    assert rows["a"]["score"] == 0.5 and rows["a"]["keep"] and rows["a"]["right"] == 1
+    assert rows["b"]["score"] == 0.375 and not rows["b"]["keep"] and rows["b"]["right"] == 0
+    assert rows["a"]["interval"] == wilson_interval(1, 2)
+
+
+@pytest.mark.skipif(not (CALIBRATION / DOCUMENT).is_file(), reason="no calibration run published")
+def test_the_published_calibration_is_rendered_from_its_records():
+    assert (CALIBRATION / DOCUMENT).read_text() == render(CALIBRATION)
