@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 from pydantic import Field
 
+from kvpress_like.errors import ConfigError
 from kvpress_like.hookspecs import hookimpl
 from kvpress_like.parts import Allocator, PartConfig
 
@@ -169,8 +172,86 @@ class ModelGlobalAllocator(UniformAllocator):
         return {layer: counts[:, n] for n, layer in enumerate(layers)}
 
 
+class LayerRatiosConfig(PartConfig):
+    compression_ratios: tuple[float, ...] = Field(
+        ..., min_length=1, description="share of the prompt each compressed layer drops, in layer order (kvpress's "
+        "PerLayerCompressionPress convention: 0 keeps everything)"
+    )
+
+    def model_post_init(self, __context) -> None:
+        bad = [r for r in self.compression_ratios if not 0 <= r < 1]
+        if bad:
+            raise ValueError(f"compression ratios must lie in [0, 1), got {bad}")
+
+
+class LayerRatiosAllocator(Allocator):
+    """An explicit compression ratio per layer (kvpress's ``PerLayerCompressionPress``): layer ``i`` keeps
+    ``⌊L·(1 − r_i)⌋`` tokens, as kvpress's ``ScorerPress`` does with one ratio. The method's budget is not used.
+    One ratio per *compressed* layer (sliding-window layers are not counted), else the prefill is refused."""
+
+    name = "layer_ratios"
+    summary = "an explicit compression ratio for each layer (kvpress PerLayerCompressionPress); the budget is unused"
+    Config = LayerRatiosConfig
+    uses_budget = False
+
+    def layer_budgets(self, num_layers: int, prompt_length: int, budget_tokens: int) -> list[int]:
+        ratios = self.config.compression_ratios
+        if len(ratios) != num_layers:
+            raise ConfigError(
+                f"layer_ratios has {len(ratios)} compression ratios but the model has {num_layers} compressed layers; "
+                f"give exactly {num_layers} (one per full-attention layer, in order)"
+            )
+        return [int(prompt_length * (1 - ratio)) for ratio in ratios]
+
+
+class BudgetCurveConfig(PartConfig):
+    path: str = Field(..., description="JSON file {'model': str, 'layer_weights': [w_0, …]}: one positive weight per "
+                      "compressed layer")
+
+
+def read_budget_curve(path: str) -> tuple[str, tuple[float, ...]]:
+    """``(model, layer weights)`` from a budget-curve file, refusing what is not a usable curve."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(f"budget curve {path!r} cannot be read as JSON: {error}") from error
+    weights = record.get("layer_weights") if isinstance(record, dict) else None
+    if not isinstance(weights, list) or not weights or not all(
+        isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in weights
+    ):
+        raise ConfigError(f"budget curve {path!r} needs 'layer_weights': a non-empty list of positive numbers")
+    return str(record.get("model", "")), tuple(float(w) for w in weights)
+
+
+class BudgetCurveAllocator(Allocator):
+    """Per-layer budgets from a curve stored in a file (LU-KV style, Baidu-Baige's offline budget curves): layer
+    ``i`` gets a share of the model's ``num_layers × B`` tokens proportional to its weight, rounded with the
+    largest-remainder rule and capped at ``L`` (the excess going to the layers below the cap). The file names the
+    model it was fitted on. Departure from kvpress's ``LUKVPress``: one weight per layer, not per (layer, head).
+    """
+
+    name = "budget_curve"
+    summary = "per-layer budgets proportional to weights read from a JSON curve file (LU-KV style)"
+    Config = BudgetCurveConfig
+
+    def __init__(self, config: PartConfig | None = None):
+        super().__init__(config)
+        self.model_name, self.weights = read_budget_curve(self.config.path)
+
+    def layer_budgets(self, num_layers: int, prompt_length: int, budget_tokens: int) -> list[int]:
+        if len(self.weights) != num_layers:
+            raise ConfigError(
+                f"budget curve {self.config.path!r} (fitted on {self.model_name or 'an unnamed model'}) has "
+                f"{len(self.weights)} layer weights but the model has {num_layers} compressed layers"
+            )
+        total = sum(self.weights)
+        shares = [num_layers * budget_tokens * w / total for w in self.weights]
+        return _cap(_round_exact(shares, num_layers * budget_tokens), prompt_length)
+
+
 @hookimpl
 def register_allocators():
     return [
-        UniformAllocator, FullAllocator, PyramidAllocator, HeadAdaptiveAllocator, GlobalAllocator, ModelGlobalAllocator
+        UniformAllocator, FullAllocator, PyramidAllocator, HeadAdaptiveAllocator, GlobalAllocator, ModelGlobalAllocator,
+        LayerRatiosAllocator, BudgetCurveAllocator,
     ]
