@@ -11,6 +11,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from kvpress_like.allocators import _round_exact
 from kvpress_like.hookspecs import hookimpl
 from kvpress_like.parts import PartConfig, Selector
 
@@ -121,6 +122,46 @@ class CriticalSelector(TopKSelector):
         return super().select(weighted, budget)
 
 
+class SegmentConfig(TopKConfig):
+    segment_size: int = Field(1024, ge=1, description="prompt tokens per segment (kvpress ChunkPress: 1024)")
+
+
+class SegmentSelector(TopKSelector):
+    """The same share of every segment of the prompt (kvpress's ``ChunkPress``, after FINCH, Corallo &
+    Papotti 2024, TACL): the prompt is cut into segments of ``segment_size`` tokens and each keeps its best tokens.
+
+    Protected tokens are kept first; the rest of the budget is split across the segments in proportion to their
+    unprotected tokens (largest-remainder rounding, so the layer keeps exactly its budget), and each segment
+    keeps its highest-scoring unprotected tokens within its share. Departures from kvpress: the scores come from
+    one scoring of the whole prompt (kvpress scores each chunk on its own, so e.g. a SnapKV window is each
+    chunk's end); shares are rounded to the exact budget instead of ``max(1, ⌊n·(1 − ratio)⌋)`` per chunk.
+    """
+
+    name = "segments"
+    summary = "the same share of every prompt segment, top-k inside each (kvpress ChunkPress)"
+    Config = SegmentConfig
+
+    def segment_shares(self, protected: torch.Tensor, budget: int) -> list[int]:
+        """Unprotected tokens each segment keeps: ``budget − protected`` split in proportion to its free tokens."""
+        free = (~protected).float().split(self.config.segment_size)
+        counts = [float(chunk.sum()) for chunk in free]
+        spare, total = budget - int(protected.sum()), sum(counts)
+        if total == 0:
+            return [0] * len(counts)
+        return _round_exact([spare * c / total for c in counts], spare)
+
+    def select(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
+        prompt_length = scores.shape[-1]
+        protected = self.checked_protected_mask(prompt_length, budget, scores.device)
+        free = scores.real.float().masked_fill(protected, float("-inf"))
+        kept = [torch.nonzero(protected).flatten().expand(*scores.shape[:2], -1)]
+        size = self.config.segment_size
+        for n, share in enumerate(self.segment_shares(protected, budget)):
+            if share:
+                kept.append(n * size + free[..., n * size : (n + 1) * size].topk(share, dim=-1).indices)
+        return torch.cat(kept, dim=-1).sort(dim=-1).values
+
+
 @hookimpl
 def register_selectors():
-    return [TopKSelector, ChunkSelector, CriticalSelector]
+    return [TopKSelector, ChunkSelector, CriticalSelector, SegmentSelector]
