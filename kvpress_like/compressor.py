@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvpress_like.adapters import window_queries
+from kvpress_like.adapters import apply_rope, window_queries
 from kvpress_like.cache import CompressedCache
 from kvpress_like.compat import cache_from_hook_kwargs
 from kvpress_like.layer_step import keep_all, score_layer, select_counts, select_rows
@@ -212,9 +212,18 @@ class LayerCompressor:
         """Post-RoPE queries of the window: those the model's attention computed, when tapped; else the window's
         attention inputs projected and rotated again."""
         tapped = None if self.query_tap is None else self.query_tap.pop(layer_idx)
-        if tapped is not None:
-            return tapped
-        return window_queries(module, *self._window_inputs(layer_idx, kwargs, start))
+        if tapped is None:
+            tapped = window_queries(module, *self._window_inputs(layer_idx, kwargs, start))
+        return self._shifted(module, tapped)
+
+    def _shifted(self, module, queries: torch.Tensor) -> torch.Tensor:
+        """``queries`` moved ``plan.query_shift`` positions later (a rotation by that many positions' angles)."""
+        shift = self.plan.query_shift
+        if not shift:
+            return queries
+        offsets = torch.full((queries.shape[2],), shift, device=queries.device)
+        cos, sin = self.rope_at(module, offsets)
+        return apply_rope(queries, cos.to(queries.dtype), sin.to(queries.dtype))
 
     @property
     def scored_layers(self) -> list[int]:
@@ -261,7 +270,7 @@ class LayerCompressor:
             queries=self._window_queries(module, layer_idx, kwargs, start),
             keys=keys,
             values=values,
-            query_rows=self.plan.window_rows,
+            query_rows=self.plan.scored_rows,
             prompt_length=self.plan.prompt_length,
             scaling=module.scaling,
             rope_at=lambda positions: self.rope_at(module, positions),

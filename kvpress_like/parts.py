@@ -47,12 +47,21 @@ class WindowPlan:
     ``window_rows`` are the row indices, in the sequence ``prompt + appended``, of the queries that
     judge the prompt's keys. ``appended_ids`` / ``appended_positions`` (``[batch, n]``) are extra tokens
     fed after the prompt and dropped after scoring; ``None`` when the window lies inside the prompt.
+    ``query_shift`` moves every window query that many positions later before scoring (RoPE rotates by the
+    difference): the queries then judge the keys from rows ``window_rows + query_shift``, which is how the
+    ``reaimed`` window puts the prompt's last queries at the decoding positions without extra rows.
     """
 
     prompt_length: int
     window_rows: torch.Tensor
     appended_ids: torch.Tensor | None = None
     appended_positions: torch.Tensor | None = None
+    query_shift: int = 0
+
+    @property
+    def scored_rows(self) -> torch.Tensor:
+        """The rows the window's queries judge the keys from (after any :attr:`query_shift`)."""
+        return self.window_rows + self.query_shift if self.query_shift else self.window_rows
 
     @property
     def n_appended(self) -> int:

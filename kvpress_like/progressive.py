@@ -28,6 +28,7 @@ last round). A model-wide allocator cannot stream (it ranks every layer of the w
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from contextlib import ExitStack
@@ -81,9 +82,8 @@ class RoundCompressor(LayerCompressor):
     def _step(self, module, layer_idx: int, source: CompressedCache, kwargs, start: int):
         started = time.perf_counter()
         local = self.local_plan
-        self.plan = WindowPlan(
-            start + local.prompt_length, local.window_rows + start, local.appended_ids, local.appended_positions
-        )
+        self.plan = dataclasses.replace(local, prompt_length=start + local.prompt_length,
+                                        window_rows=local.window_rows + start)
         layer = source.layers[layer_idx]
         kept, keys, values = self.select(module, layer_idx, layer.keys, layer.values, kwargs, start)
         if self.scorer.merges_rounds and isinstance(keys, torch.Tensor):
@@ -234,4 +234,4 @@ def _local_plan(plan: WindowPlan, chunk_start: int) -> WindowPlan:
     """``plan`` (prefix coordinates) in the chunk's coordinates: its rows before the chunk are dropped."""
     rows = plan.window_rows
     local = rows[rows >= chunk_start] - chunk_start
-    return WindowPlan(plan.prompt_length - chunk_start, local, plan.appended_ids, plan.appended_positions)
+    return dataclasses.replace(plan, prompt_length=plan.prompt_length - chunk_start, window_rows=local)

@@ -11,6 +11,7 @@
 * ``reconstruct`` — the prompt repeated after itself, teacher-forced, behind a "repeat the previous
   context" instruction (KVzip, Kim et al. 2025, arXiv 2505.23416, §3.2); chunked, optionally subsampled,
   at KVzip's positions after the prompt or DapQ-style at the first decoding positions.
+* ``reaimed`` — the suffix window's queries rotated to the decoding positions L … L+size−1 (no extra rows).
 * ``none`` — no queries, for scorers that read only keys/values or positions (StreamingLLM, K-norm).
 """
 
@@ -271,6 +272,24 @@ class ReconstructWindow(WindowBuilder):
         return WindowPlan(length, rows, ids, positions.expand(batch, n))
 
 
+class ReaimedWindow(WindowBuilder):
+    """The last ``size`` prompt queries, re-aimed: rotated ``size`` positions later, to L … L+size−1.
+
+    DapQ (Tian et al. 2026, arXiv 2603.11564, §3.1) finds that *where* the scoring queries sit matters more
+    than *what* they say. This window keeps the real content of SnapKV's window and moves it to DapQ's
+    positions with RoPE alone (a rotation by ``size`` positions), so it needs no appended rows and no extra
+    forward: the test of whether position alone carries DapQ's gain. Not in either paper.
+    """
+
+    name = "reaimed"
+    summary = "last `size` prompt queries rotated to the decoding positions L … L+size-1 (no extra rows)"
+    Config = SuffixConfig
+
+    def plan(self, input_ids: torch.Tensor, question_span: tuple[int, int] | None = None) -> WindowPlan:
+        rows = last_rows(input_ids, self.config.size)
+        return WindowPlan(input_ids.shape[1], rows, query_shift=int(rows.numel()))
+
+
 class NoWindow(WindowBuilder):
     """No queries: the scorer reads keys, values or positions only."""
 
@@ -285,5 +304,5 @@ class NoWindow(WindowBuilder):
 def register_window_builders():
     return [
         SuffixWindow, PseudoWindow, SemanticWindow, UnionWindow, QuestionWindow, PromptWindow, ReconstructWindow,
-        NoWindow,
+        ReaimedWindow, NoWindow,
     ]

@@ -28,6 +28,15 @@ DAPQ = MethodSpec(
 )
 
 
+DAPQ_REAIMED = DAPQ.variant(
+    "dapq_reaimed",
+    "the prompt's last 32 queries rotated to DapQ's positions L … L+31: DapQ's alignment, no extra rows",
+    "position re-aiming (this project)",
+    window=PartChoice(name="reaimed", options={"size": 32}),
+    departures="real queries instead of pseudo tokens, moved by RoPE rotation; no appended forward rows",
+)
+
+
 @hookimpl
 def register_methods():
-    return [DAPQ]
+    return [DAPQ, DAPQ_REAIMED]

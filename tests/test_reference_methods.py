@@ -42,7 +42,8 @@ MAX_NEAR_TIES = 3  # per (sequence, head): more would make the comparison too lo
 
 # Every built-in method has a reference test below (see test_every_registered_method_is_covered).
 METHODS = [
-    "ada_dapq", "ada_snapkv", "critical_dapq", "critical_snapkv", "cur", "dapq", "dapq_chunk", "dapq_plus",
+    "ada_dapq", "ada_snapkv", "cap", "critical_dapq", "critical_snapkv", "cur", "dapq", "dapq_chunk", "dapq_plus",
+    "dapq_reaimed",
     "dapq_pyramid", "expected_attention", "full", "h2o", "keydiff", "knorm", "kvzip", "kvzip_dapq", "lagkv",
     "non_causal_attention", "observed_attention", "pyramidkv", "random", "snapkv", "snapkv_chunk", "streaming_llm",
     "tova",
@@ -198,6 +199,20 @@ def averaged_rotation(theta: float, dim: int, start: int, count: int) -> torch.T
     return sum(rotation_matrix(t, inv_freq, dim) for t in range(start, start + count)) / count
 
 
+def pre_rope_queries(arch: str, ref: Reference, layer: int) -> torch.Tensor:
+    """The prompt's pre-RoPE queries ``[B, H, L, d]``: q_proj of the normed layer input (Qwen3: then q_norm)."""
+    model = model_for(arch)
+    config, block = model.config, model.model.layers[layer]
+    attn = block.self_attn
+    heads, dim, length = config.num_attention_heads, config.head_dim, ref.length
+    with torch.no_grad():
+        hidden = block.input_layernorm(ref.hidden[layer][:, :length])
+        queries = attn.q_proj(hidden).view(BATCH, length, heads, dim)
+        if getattr(attn, "q_norm", None) is not None:  # Qwen3's per-head RMSNorm on the queries
+            queries = attn.q_norm(queries)
+    return queries.transpose(1, 2).double()
+
+
 def expected_attention_scores(arch: str, ref: Reference, layer: int, n_sink: int = 4, n_future: int = 512):
     """Closed form of scorers/expected_attention.py's docstring, from scratch.
 
@@ -205,17 +220,9 @@ def expected_attention_scores(arch: str, ref: Reference, layer: int, n_sink: int
     the RoPE rotations at positions L … L+511; μ' = R̄μ, Σ' = R̄ΣR̄ᵀ; softmax over the prompt keys of
     μ'·k/√d + kᵀΣ'k/(2d); mean over each KV group; × ‖v‖.
     """
-    model = model_for(arch)
-    config = model.config
-    block = model.model.layers[layer]
-    attn = block.self_attn
+    config = model_for(arch).config
     heads, n_kv, dim, length = config.num_attention_heads, config.num_key_value_heads, config.head_dim, ref.length
-    with torch.no_grad():
-        hidden = block.input_layernorm(ref.hidden[layer][:, :length])
-        queries = attn.q_proj(hidden).view(BATCH, length, heads, dim)
-        if getattr(attn, "q_norm", None) is not None:  # Qwen3's per-head RMSNorm on the queries
-            queries = attn.q_norm(queries)
-    queries = queries.transpose(1, 2).double()[:, :, n_sink:length]  # [B, H, n, d]
+    queries = pre_rope_queries(arch, ref, layer)[:, :, n_sink:length]  # [B, H, n, d]
     mean = queries.mean(dim=2)
     centred = queries - mean[:, :, None]
     cov = torch.einsum("bhni,bhnj->bhij", centred, centred) / queries.shape[2]
@@ -813,21 +820,11 @@ def test_observed_attention_matches_reference(arch):
 
 
 def post_rope_queries(arch: str, ref: Reference, layer: int) -> torch.Tensor:
-    """The prompt's queries ``[B, H, L, d]``: q_proj of the normed layer input (Qwen3: q_norm), rotated by RoPE
-    at each row's position."""
-    model = model_for(arch)
-    config, attn = model.config, model.model.layers[layer].self_attn
-    heads, dim, length = config.num_attention_heads, config.head_dim, ref.length
-    with torch.no_grad():
-        hidden = model.model.layers[layer].input_layernorm(ref.hidden[layer][:, :length])
-        queries = attn.q_proj(hidden).view(BATCH, length, heads, dim)
-        if getattr(attn, "q_norm", None) is not None:
-            queries = attn.q_norm(queries)
-    queries = queries.transpose(1, 2).double()
-    theta = config.rope_parameters["rope_theta"]
-    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    rotated = torch.stack([queries[:, :, j] @ rotation_matrix(j, inv_freq, dim).T for j in range(length)], dim=2)
-    return rotated
+    """The prompt's queries ``[B, H, L, d]``, rotated by RoPE at each row's position."""
+    config = model_for(arch).config
+    queries, dim = pre_rope_queries(arch, ref, layer), config.head_dim
+    inv_freq = 1.0 / config.rope_parameters["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    return torch.stack([queries[:, :, j] @ rotation_matrix(j, inv_freq, dim).T for j in range(ref.length)], dim=2)
 
 
 def non_causal_scores(arch: str, ref: Reference, layer: int, chunk: int) -> torch.Tensor:
@@ -856,6 +853,40 @@ def test_non_causal_attention_matches_reference(arch, length, budget, chunk):
     overrides = {} if chunk is None else {"scorer": {"chunk": chunk}}
     report = run("non_causal_attention", arch, length, budget, **overrides).report
     scores = {layer: non_causal_scores(arch, ref, layer, chunk or 256) for layer in range(n_layers(arch))}
+    check_topk_method(report, scores, dict.fromkeys(scores, budget), length)
+
+
+def cap_scores(arch: str, ref: Reference, layer: int, n_sink: int = 4, tau: float = 5.0, n_future: int = 512):
+    """CapKV, per query head: μ = mean of the pre-RoPE queries of rows n_sink … L−1, times R̄ (RoPE averaged over
+    positions L … L+511); w_j = exp(τ·cos(k_j, R̄μ) − max_j); A = I + Σ_j w_j v_j v_jᵀ (over j ≥ n_sink);
+    s_j = w_j · v_jᵀ A⁻¹ v_j; GQA mean; the sinks score max + 1."""
+    config = model_for(arch).config
+    heads, n_kv, dim, length = config.num_attention_heads, config.num_key_value_heads, config.head_dim, ref.length
+    rotation = averaged_rotation(config.rope_parameters["rope_theta"], dim, length, n_future)
+    anchor = pre_rope_queries(arch, ref, layer)[:, :, n_sink:].mean(dim=2) @ rotation.T  # [B, H, d]
+    per_head = torch.zeros(BATCH, heads, length - n_sink, dtype=torch.float64)
+    for b in range(BATCH):
+        for h in range(heads):
+            keys = ref.keys[layer][b, h // (heads // n_kv), n_sink:]
+            values = ref.values[layer][b, h // (heads // n_kv), n_sink:]
+            cosine = keys @ anchor[b, h] / (keys.norm(dim=-1) * anchor[b, h].norm())
+            weights = torch.exp(tau * cosine - (tau * cosine).max())
+            capacity = torch.eye(dim, dtype=torch.float64) + sum(
+                (w + 1e-6) * torch.outer(v, v) for w, v in zip(weights, values, strict=True)
+            )
+            inverse = torch.linalg.inv(capacity)
+            per_head[b, h] = torch.stack([w * v @ inverse @ v for w, v in zip(weights, values, strict=True)])
+    scores = group_mean(per_head, n_kv)
+    top = scores.reshape(BATCH, -1).max(dim=1).values[:, None, None] + 1
+    return torch.cat([top.expand(-1, n_kv, n_sink), scores], dim=-1)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("length", "budget"), [(128, 45), (90, 20)])
+def test_cap_matches_reference(arch, length, budget):
+    ref = reference_forward(arch, length, pseudo=False)
+    report = run("cap", arch, length, budget).report
+    scores = {layer: cap_scores(arch, ref, layer) for layer in range(n_layers(arch))}
     check_topk_method(report, scores, dict.fromkeys(scores, budget), length)
 
 
@@ -1025,3 +1056,48 @@ def test_budget_covering_the_prompt_generates_like_no_compression(method, arch):
     out = model.generate(extended, attention_mask=torch.ones_like(extended), **{cache_kwarg(model): result.cache},
                          max_new_tokens=new_tokens - 1, do_sample=False)
     assert torch.equal(out, expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# dapq_reaimed: SnapKV's last 32 queries rotated to DapQ's positions L … L+31
+# ---------------------------------------------------------------------------------------------
+
+
+def reaimed_scores(arch: str, ref: Reference, layer: int) -> torch.Tensor:
+    """The last 32 prompt rows' queries recomputed from their hidden states with the model's own projection,
+    QK-norm and rotary embedding at positions L … L+31 (not their own), softmax over every prompt key, summed
+    over the queries, GQA mean. Nothing pooled, nothing protected (DapQ's scorer)."""
+    model = model_for(arch)
+    attention = model.model.layers[layer].self_attn
+    length, heads, dim = ref.length, model.config.num_attention_heads, attention.head_dim
+    hidden = model.model.layers[layer].input_layernorm(ref.hidden[layer][:, length - WINDOW : length])
+    with torch.no_grad():
+        queries = attention.q_proj(hidden).view(BATCH, WINDOW, heads, dim)
+        if hasattr(attention, "q_norm"):
+            queries = attention.q_norm(queries)
+        positions = torch.arange(length, length + WINDOW)[None]
+        cos, sin = model.model.rotary_emb(hidden, positions)
+    queries, cos, sin = queries.transpose(1, 2).double(), cos[:, None].double(), sin[:, None].double()
+    rotated = torch.cat([-queries[..., dim // 2 :], queries[..., : dim // 2]], dim=-1)
+    queries = queries * cos + rotated * sin
+    keys = ref.keys[layer].repeat_interleave(heads // kv_heads(arch), dim=1)
+    probs = (queries @ keys.transpose(-1, -2) / math.sqrt(dim)).softmax(dim=-1)
+    return group_mean(probs.sum(dim=2), kv_heads(arch))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("length", "budget"), [(128, 51), (66, 20)])
+def test_dapq_reaimed_matches_reference(arch, length, budget):
+    ref = reference_forward(arch, length, pseudo=False)
+    report = run("dapq_reaimed", arch, length, budget).report
+    scores = {layer: reaimed_scores(arch, ref, layer) for layer in range(n_layers(arch))}
+    check_topk_method(report, scores, dict.fromkeys(scores, budget), length)
+
+
+def test_reaimed_window_is_neither_snapkv_nor_dapq():
+    """Guard against a vacuous comparison: moving the queries changes what they keep."""
+    ref = reference_forward("llama", 128, pseudo=False)
+    reaimed = topk_reference(reaimed_scores("llama", ref, 1), 40)[0]
+    snap = topk_reference(group_mean(received_attention(ref, 1, range(96, 128)), kv_heads("llama")), 40)[0]
+    dapq = topk_reference(dapq_scores("llama", reference_forward("llama", 128, pseudo=True), 1), 40)[0]
+    assert not torch.equal(reaimed, snap) and not torch.equal(reaimed, dapq)
