@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvpress_like.errors import UnsupportedModelError
 
@@ -94,7 +95,7 @@ def _base_attention(module: torch.nn.Module) -> Callable:
     name = _base(module)
     if name == "eager":  # each modeling file has its own eager function (soft-capping, dropout, …)
         return sys.modules[type(module).__module__].eager_attention_forward
-    return AttentionInterface._global_mapping[name]
+    return ALL_ATTENTION_FUNCTIONS[name]
 
 
 def compressed_attention_forward(module, query, key, value, attention_mask, **kwargs):

@@ -118,10 +118,34 @@ class CompressedCache(DynamicCache):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._refuse_under_decoding("beam search (reorder_cache)")
         super().reorder_cache(beam_idx)
+        self._take_sequence_rows(lambda rows: rows.index_select(0, beam_idx.to(rows.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._refuse_under_decoding("repeating the batch (num_beams or num_return_sequences > 1)")
         super().batch_repeat_interleave(repeats)
+        self._take_sequence_rows(lambda rows: rows.repeat_interleave(repeats, dim=0))
+
+    # ---- batch reordering and reset: the per-sequence bookkeeping follows the layers (kvpress_like.ragged) ----
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._refuse_under_decoding("selecting sequences of the batch (batch_select_indices)")
+        super().batch_select_indices(indices)
+        self._take_sequence_rows(lambda rows: rows[torch.as_tensor(indices, device=rows.device)])
+
+    def _take_sequence_rows(self, take) -> None:
+        """Apply ``take`` (rows ``[batch, ...]`` to rows) to what the cache notes per sequence: ``token_mask`` and
+        ``added_valid``."""
+        if self.token_mask is not None:
+            self.token_mask = take(self.token_mask)
+        self.added_valid = {i: take(valid) for i, valid in self.added_valid.items()}
+
+    def reset(self) -> None:
+        """Empty every layer and forget what was evicted and padded: the cache starts again at position 0."""
+        self._refuse_under_decoding("reset()")
+        super().reset()
+        self.evicted, self.token_mask, self.added_valid = {}, None, {}
+
+    # ---- end of batch reordering and reset ----
 
     def _refuse_under_decoding(self, what: str) -> None:
         if self.decoding is not None:
