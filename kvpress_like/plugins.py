@@ -49,11 +49,13 @@ BUILTIN_PLUGINS = (
     "kvpress_like.scorers.lagkv",
     "kvpress_like.scorers.cur",
     "kvpress_like.scorers.non_causal",
+    "kvpress_like.scorers.cap",
     "kvpress_like.methods.keydiff",
     "kvpress_like.methods.lagkv",
     "kvpress_like.methods.cur",
     "kvpress_like.methods.observed_attention",
     "kvpress_like.methods.non_causal_attention",
+    "kvpress_like.methods.cap",
 )
 
 _REGISTRATION_HOOKS = {
