@@ -5,9 +5,9 @@ subclasses, and the registry maps every ``config.model_type`` an adapter lists t
 Llama, Mistral, Qwen2, Qwen3 (QK-norm), Phi3 (fused qkv, partial rotary) and Gemma3 (QK-norm; only
 global-attention layers are compressed, sliding-window layers stay untouched).
 
-:func:`project_queries` and :func:`window_queries` take an attention module and dispatch on its
-``config.model_type``, so code holding only a module (the compressor, scorers, the evaluation harness)
-reaches its family's adapter.
+The lookups over the registry (``get_adapter``, ``adapter_class``, ``supported_model_types``, and
+``project_queries`` / ``window_queries``, which dispatch on an attention module's ``config.model_type``) live in
+the registry module, :mod:`kvpress_like.plugins`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from typing import Any, ClassVar
 import torch
 from transformers import DynamicCache
 
-from kvpress_like.errors import UnsupportedModelError
 from kvpress_like.hookspecs import hookimpl
 
 
@@ -154,50 +153,19 @@ def register_adapters():
     return list(BUILTIN_ADAPTERS)
 
 
-def adapter_class(model_type: object, what: str = "this model") -> type[ModelAdapter]:
-    """The registered adapter of ``model_type``, or :class:`UnsupportedModelError` naming every registered one."""
-    adapters = _registered()
-    if model_type not in adapters:
-        families: dict[str, list[str]] = {}
-        for registered, cls in sorted(adapters.items()):
-            families.setdefault(cls.label, []).append(registered)
-        supported = ", ".join(f"{label} ({', '.join(types)})" for label, types in sorted(families.items()))
-        raise UnsupportedModelError(
-            f"{what} (model_type={model_type!r}) is not supported; supported architectures: {supported}; "
-            "a new family needs an architecture adapter plugin (docs/plugins.md, 'Adding an architecture')"
-        )
-    return adapters[model_type]
+# Transitional: the lookups live in the registry module (kvpress_like.plugins). This re-export keeps the engine's
+# imports working until compressor.py, prefill.py, progressive.py, scorers/expected_attention.py and
+# tests/test_query_tap.py import them from kvpress_like.plugins; it is the one circle ALLOWED in
+# tests/test_import_cycles.py, and both go together.
+from kvpress_like.plugins import (  # noqa: E402
+    adapter_class,
+    get_adapter,
+    project_queries,
+    supported_model_types,
+    window_queries,
+)
 
-
-def get_adapter(model: torch.nn.Module) -> ModelAdapter:
-    """The adapter for ``model``, or :class:`UnsupportedModelError` naming what is supported."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return adapter_class(model_type, type(model).__name__)(model)
-
-
-def _module_adapter(module: torch.nn.Module) -> type[ModelAdapter]:
-    model_type = getattr(getattr(module, "config", None), "model_type", None)
-    return adapter_class(model_type, f"attention module {type(module).__name__}")
-
-
-def project_queries(module: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """Pre-RoPE queries ``[batch, q_heads, rows, head_dim]`` of an attention ``module``, through its adapter."""
-    return _module_adapter(module).project_queries(module, hidden_states)
-
-
-def window_queries(
-    module: torch.nn.Module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> torch.Tensor:
-    """Post-RoPE queries ``[batch, q_heads, rows, head_dim]`` of an attention ``module``, through its adapter."""
-    return _module_adapter(module).window_queries(module, hidden_states, cos, sin)
-
-
-def supported_model_types() -> dict[str, str]:
-    """``model_type -> label`` of every registered adapter."""
-    return {model_type: cls.label for model_type, cls in _registered().items()}
-
-
-def _registered() -> dict[str, type[ModelAdapter]]:
-    from kvpress_like.plugins import get_registry  # imported here: the registry checks this module's classes
-
-    return get_registry().adapters
+__all__ = [
+    "BUILTIN_ADAPTERS", "ModelAdapter", "adapter_class", "apply_rope", "get_adapter", "project_queries",
+    "register_adapters", "supported_model_types", "window_queries",
+]

@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     _ray_options(ev)
 
     ab = commands.add_parser("ablate", help="run (or resume) a YAML grid: methods × windows × budgets × lengths × …")
-    ab.add_argument("grid", help="YAML grid file (see kvpress_like.eval.runner)")
+    ab.add_argument("grid", help="YAML grid file (see kvpress_like.eval.grid)")
     ab.add_argument("--out", help="output folder (default results/<grid name>); finished cells are skipped")
     ab.add_argument("--samples", type=int, help="override the grid's samples per task and length")
     ab.add_argument("--limit", type=int, help="run at most this many cells now (for timing a grid)")
@@ -163,7 +163,7 @@ def _load(args):
 
 
 def _eval(args, command: str) -> int:
-    from kvpress_like.eval.runner import parse_grid
+    from kvpress_like.eval.grid import parse_grid
     from kvpress_like.eval.tasks import DEFAULT_DEPTHS, make_samples, save_jsonl
 
     ray = _ray_settings(args)
@@ -206,18 +206,20 @@ def _ray_settings(args):
 
 
 def _run_grid(args, ray, grid, out: str, command: str, model=None, tokenizer=None, limit: int | None = None) -> dict:
-    """``run_grid`` here, or ``run_grid_ray`` with the ``ray`` settings."""
-    from kvpress_like.eval.runner import run_grid
-
+    """``run_grid`` here and its summary, or ``run_grid_ray`` with the ``ray`` settings; returns the summary."""
     if ray is None:
-        return run_grid(grid, out, model, tokenizer, progress=not args.no_progress, limit=limit, command=command)
+        from kvpress_like.eval.runner import run_grid
+        from kvpress_like.eval.summary import write_run_summary
+
+        run = run_grid(grid, out, model, tokenizer, progress=not args.no_progress, limit=limit)
+        return write_run_summary(grid, run, command)
     from kvpress_like.eval.distributed import run_grid_ray
 
     return run_grid_ray(grid, out, ray, tokenizer, progress=not args.no_progress, limit=limit, command=command)
 
 
 def _ablate(args, command: str) -> int:
-    from kvpress_like.eval.runner import load_grid
+    from kvpress_like.eval.grid import load_grid
 
     ray = _ray_settings(args)
     grid = load_grid(args.grid, samples=args.samples, threads=args.threads, batch_size=args.batch_size)
@@ -231,14 +233,15 @@ def _ablate(args, command: str) -> int:
 
 def _bench(args, command: str) -> int:
     from kvpress_like.eval.bench import bench_markdown, run_bench, write_bench
-    from kvpress_like.eval.runner import MethodEntry, build_at_budget, takes_no_budget
+    from kvpress_like.eval.grid import MethodEntry, candidate
+    from kvpress_like.factory import needs_budget
     from kvpress_like.plugins import get_registry
 
     names = args.methods
     if names == ["all"]:  # the plain prefill is every ratio's baseline: methods that keep everything are left out
-        names = [name for name in sorted(get_registry().methods) if not takes_no_budget(MethodEntry(method=name))]
+        names = [name for name in sorted(get_registry().methods) if needs_budget(name)]
     # a method that keeps everything, named on purpose, is our prefill without compression
-    methods = [(name, build_at_budget(name, args.budget)) for name in names]
+    methods = [(name, candidate(MethodEntry(method=name), args.budget).pipeline) for name in names]
     model, tokenizer = _load(args)
     memory = None if args.no_memory else {"model": args.model, "budget": args.budget, "threads": args.threads,
                                           "repeats": args.memory_repeats}

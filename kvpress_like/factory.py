@@ -37,10 +37,11 @@ def build(method: str, budget: Any = None, decoding: Any = None, **overrides: An
     return _assemble(method, budget, choices, decoding)
 
 
-def needs_budget(method: str) -> bool:
-    """False for methods whose allocator keeps every token (``full``): they take no budget."""
-    spec = get_registry().method(method)
-    return get_registry().part_class("allocator", spec.allocator.name).uses_budget
+def needs_budget(method: str, **overrides: Any) -> bool:
+    """False for a method whose allocator (after ``overrides``, as :func:`build` takes them) keeps every token
+    (``full``): it takes no budget."""
+    allocator = _merge("allocator", get_registry().method(method).part("allocator"), overrides.get("allocator"))
+    return get_registry().part_class("allocator", allocator.name).uses_budget
 
 
 def build_from_spec(spec: dict[str, Any] | str | Path) -> Pipeline:

@@ -1,5 +1,6 @@
 """The plugin manager and the registry of parts, methods and architecture adapters built from it.
 
+The architecture adapters are looked up here too (:func:`get_adapter`, :func:`window_queries`, …).
 Built-in parts, methods and adapters are plugins like any other: the modules in ``BUILTIN_PLUGINS`` are
 registered first, then every entry point of the group ``kvpress_like`` is loaded. Third-party
 code may also call :func:`register_plugin` at run time.
@@ -12,10 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
+import torch
 
 from kvpress_like import hookspecs
 from kvpress_like.adapters import ModelAdapter
-from kvpress_like.errors import DuplicateRegistrationError, UnknownNameError
+from kvpress_like.errors import DuplicateRegistrationError, UnknownNameError, UnsupportedModelError
 from kvpress_like.methods_spec import MethodSpec
 from kvpress_like.parts import PART_BASES, Part
 
@@ -193,3 +195,55 @@ def _check_adapter_class(cls: object, plugin_name: str) -> None:
         raise TypeError(f"adapter {cls.__name__} of plugin {plugin_name!r} does not set {', '.join(missing)}")
     if isinstance(cls.model_types, str):
         raise TypeError(f"adapter {cls.__name__} of plugin {plugin_name!r}: model_types must be a tuple of strings")
+
+
+# ------------------------------------------------------------------------------------------------
+# Architecture adapters, looked up in the registry
+# ------------------------------------------------------------------------------------------------
+
+
+def adapter_class(model_type: object, what: str = "this model") -> type[ModelAdapter]:
+    """The registered adapter of ``model_type``, or :class:`UnsupportedModelError` naming every registered one."""
+    adapters = _registered()
+    if model_type not in adapters:
+        families: dict[str, list[str]] = {}
+        for registered, cls in sorted(adapters.items()):
+            families.setdefault(cls.label, []).append(registered)
+        supported = ", ".join(f"{label} ({', '.join(types)})" for label, types in sorted(families.items()))
+        raise UnsupportedModelError(
+            f"{what} (model_type={model_type!r}) is not supported; supported architectures: {supported}; "
+            "a new family needs an architecture adapter plugin (docs/plugins.md, 'Adding an architecture')"
+        )
+    return adapters[model_type]
+
+
+def get_adapter(model: torch.nn.Module) -> ModelAdapter:
+    """The adapter for ``model``, or :class:`UnsupportedModelError` naming what is supported."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return adapter_class(model_type, type(model).__name__)(model)
+
+
+def _module_adapter(module: torch.nn.Module) -> type[ModelAdapter]:
+    model_type = getattr(getattr(module, "config", None), "model_type", None)
+    return adapter_class(model_type, f"attention module {type(module).__name__}")
+
+
+def project_queries(module: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Pre-RoPE queries ``[batch, q_heads, rows, head_dim]`` of an attention ``module``, through its adapter."""
+    return _module_adapter(module).project_queries(module, hidden_states)
+
+
+def window_queries(
+    module: torch.nn.Module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """Post-RoPE queries ``[batch, q_heads, rows, head_dim]`` of an attention ``module``, through its adapter."""
+    return _module_adapter(module).window_queries(module, hidden_states, cos, sin)
+
+
+def supported_model_types() -> dict[str, str]:
+    """``model_type -> label`` of every registered adapter."""
+    return {model_type: cls.label for model_type, cls in _registered().items()}
+
+
+def _registered() -> dict[str, type[ModelAdapter]]:
+    return get_registry().adapters

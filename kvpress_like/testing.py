@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, GPT2Config, GPT2LMHeadModel
 
-from kvpress_like.adapters import ModelAdapter, get_adapter
+from kvpress_like.adapters import ModelAdapter
 from kvpress_like.compat import model_inputs
 from kvpress_like.errors import UnknownNameError
-from kvpress_like.plugins import get_registry
+from kvpress_like.plugins import get_adapter, get_registry
 
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=4096)
 

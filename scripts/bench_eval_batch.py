@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 
 from kvpress_like.eval.bench import batch_markdown
-from kvpress_like.eval.runner import parse_grid, read_cells, run_grid
+from kvpress_like.eval.grid import parse_grid
+from kvpress_like.eval.records import read_cells
+from kvpress_like.eval.runner import run_grid
 from kvpress_like.models import load_model
 
 GRID = {"name": "bench-batch", "tasks": ["single_needle"], "lengths": [1024], "samples": 8,

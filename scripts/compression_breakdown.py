@@ -18,8 +18,8 @@ import torch
 
 import kvpress_like.compressor as compressor
 import kvpress_like.scorers.attention as attention
-from kvpress_like.eval.bench import bench_prompt
-from kvpress_like.eval.runner import build_at_budget
+from kvpress_like.eval.fixtures import bench_prompt
+from kvpress_like.eval.grid import MethodEntry, candidate
 from kvpress_like.models import load_model
 
 STAGES = [  # (owner, attribute, label), outermost last
@@ -65,7 +65,7 @@ def main() -> None:
         print(f"ms per compressed layer, mean of {args.repeats} prefills of {ids.shape[1]} tokens, "
               f"{args.threads} threads:")
         for method in args.methods:
-            pipeline = build_at_budget(method, args.budget)
+            pipeline = candidate(MethodEntry(method=method), args.budget).pipeline
             with torch.no_grad():
                 pipeline.prefill(model, ids)  # warm-up
                 spent.clear()

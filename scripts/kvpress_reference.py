@@ -48,8 +48,9 @@ JUDGE = ('correct = every accepted answer is a substring of the decoded answer (
 def export(_args) -> None:
     import torch
 
+    from kvpress_like.eval.grid import grid_samples, load_grid
     from kvpress_like.eval.protocols import prepare
-    from kvpress_like.eval.runner import cell_key, grid_samples, load_grid
+    from kvpress_like.eval.records import cell_key
     from kvpress_like.models import embedded_checkpoint, load_model
     from kvpress_like.pipeline import eos_ids
 

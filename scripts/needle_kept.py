@@ -16,8 +16,8 @@ import argparse
 
 import torch
 
+from kvpress_like.eval.grid import candidate, grid_samples, load_grid
 from kvpress_like.eval.protocols import prepare
-from kvpress_like.eval.runner import build_candidate, grid_samples, load_grid, takes_no_budget
 from kvpress_like.eval.tasks import answer_positions
 from kvpress_like.models import load_model
 
@@ -34,12 +34,12 @@ def main() -> None:
     grid = load_grid(args.grid)
     model, tokenizer = load_model(grid.model)
     protocol = grid.protocols[0]
-    entries = [e for e in grid.methods if not takes_no_budget(e) and (not args.methods or e.name in args.methods)]
+    entries = [e for e in grid.methods if e.takes_budget and (not args.methods or e.name in args.methods)]
     if args.methods and len(entries) < len(args.methods):
-        known = [e.name for e in grid.methods if not takes_no_budget(e)]
+        known = [e.name for e in grid.methods if e.takes_budget]
         parser.error(f"--methods {args.methods} are not all in the grid; its methods with a budget are {known}")
     samples = [s for s in grid_samples(grid, tokenizer) if s[2] < args.samples]
-    pipelines = {e.name: build_candidate(e, args.budget).pipeline for e in entries}
+    pipelines = {e.name: candidate(e, args.budget).pipeline for e in entries}
     shares: dict[str, list[torch.Tensor]] = {name: [] for name in pipelines}
     for task, length, index, sample in samples:
         prompt = prepare(tokenizer, sample, protocol)

@@ -16,8 +16,8 @@ import argparse
 
 import torch
 
+from kvpress_like.eval.grid import candidate, grid_samples, load_grid
 from kvpress_like.eval.protocols import prepare
-from kvpress_like.eval.runner import build_candidate, grid_samples, load_grid
 from kvpress_like.eval.tasks import answer_positions
 from kvpress_like.models import load_model
 
@@ -44,7 +44,7 @@ def main() -> None:
     if entry is None:
         labels = [e.name for e in grid.methods]
         parser.error(f"no method labelled {args.method!r} in the grid; its methods are {labels}")
-    window = build_candidate(entry, "10%").pipeline.window  # any budget: only the window is used
+    window = candidate(entry, "10%").pipeline.window  # any budget: only the window is used
     overall, needle = [], []
     for task, length, index, sample in grid_samples(grid, tokenizer):
         if index >= args.samples:

@@ -10,9 +10,16 @@ import torch
 from conftest import ARCHITECTURES, full_attention_layers, random_ids, tiny_model
 
 from kvpress_like import DuplicateRegistrationError, ModelAdapter, UnsupportedModelError, build, hookimpl
-from kvpress_like.adapters import BUILTIN_ADAPTERS, Qwen3Adapter, get_adapter, supported_model_types, window_queries
+from kvpress_like.adapters import BUILTIN_ADAPTERS, Qwen3Adapter
 from kvpress_like.cache import CompressedCache
-from kvpress_like.plugins import get_registry, register_plugin, unregister_plugin
+from kvpress_like.plugins import (
+    get_adapter,
+    get_registry,
+    register_plugin,
+    supported_model_types,
+    unregister_plugin,
+    window_queries,
+)
 from kvpress_like.testing import attention_mismatch, make_gpt2, make_model
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")

@@ -122,7 +122,7 @@ def test_captured_attention_equals_the_models_own_attention_weights():
 
 
 def test_exact_mcnemar_hand_cases():
-    from kvpress_like.eval.report import mcnemar_p
+    from kvpress_like.eval.summary import mcnemar_p
 
     assert mcnemar_p(5, 0) == pytest.approx(2 / 32)  # all 5 discordant pairs one way: 2 * 0.5^5
     assert mcnemar_p(6, 0) == pytest.approx(2 / 64)

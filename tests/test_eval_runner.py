@@ -12,12 +12,20 @@ from kvpress_like import build
 from kvpress_like.errors import ConfigError
 from kvpress_like.eval import runner
 from kvpress_like.eval.engine import Candidate, evaluate_batch, evaluate_sample
+from kvpress_like.eval.grid import parse_grid
 from kvpress_like.eval.protocols import prepare
-from kvpress_like.eval.runner import parse_grid, read_cells, run_grid
+from kvpress_like.eval.records import read_cells
+from kvpress_like.eval.runner import run_grid
+from kvpress_like.eval.summary import write_run_summary
 from kvpress_like.eval.tasks import TASKS
 from kvpress_like.eval.toy import byte_tokenizer, toy_model
 from kvpress_like.plugins import get_registry
 from kvpress_like.prompting import build_prompt
+
+
+def grid_run(grid, out, *args, **kwargs):
+    """``grid`` run into ``out`` and its summary written, as the command line does; returns the summary."""
+    return write_run_summary(grid, run_grid(grid, out, *args, **kwargs))
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +158,7 @@ def _grid(**extra):
 
 def test_grid_resumes_and_runs_only_missing_pairs(toy, tmp_path, monkeypatch):
     model, tokenizer = toy
-    summary = run_grid(_grid(), tmp_path, model, tokenizer, progress=False)
+    summary = grid_run(_grid(), tmp_path, model, tokenizer, progress=False)
     assert summary["timing"]["cells_run_now"] == 2
     assert len(read_cells(tmp_path / "cells.jsonl")) == 2
     for name in ("summary.json", "summary.csv", "summary.md", "grid.json"):
@@ -166,17 +174,17 @@ def test_grid_resumes_and_runs_only_missing_pairs(toy, tmp_path, monkeypatch):
         return real(model, tokenizer, samples, protocol, candidates, **kwargs)
 
     monkeypatch.setattr(runner, "evaluate_batch", spy)
-    again = run_grid(_grid(), tmp_path, model, tokenizer, progress=False)
+    again = grid_run(_grid(), tmp_path, model, tokenizer, progress=False)
     assert calls == [] and again["timing"]["cells_run_now"] == 0  # every cell finished: nothing runs
 
     wider = _grid(methods=["full", "dapq", {"label": "sem", "method": "dapq", "window": "semantic"}])
-    run_grid(wider, tmp_path, model, tokenizer, progress=False)
+    grid_run(wider, tmp_path, model, tokenizer, progress=False)
     assert calls == [["sem"], ["sem"]]  # only the new pair, once per cell
 
     lines = (tmp_path / "cells.jsonl").read_text().splitlines()
     (tmp_path / "cells.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:40])  # an interrupted write
     calls.clear()
-    final = run_grid(wider, tmp_path, model, tokenizer, progress=False)
+    final = grid_run(wider, tmp_path, model, tokenizer, progress=False)
     assert calls == [["sem"]]
     assert {(r["method"], r["budget"]) for r in final["table"]} == {("full", "100%"), ("dapq", "50%"), ("sem", "50%")}
     assert all(r["n"] == 2 for r in final["table"])
@@ -202,8 +210,8 @@ def _close(a, b, path="record") -> None:
 def test_a_grid_run_in_batches_writes_the_records_of_a_run_one_by_one(toy, tmp_path):
     model, tokenizer = toy
     grid = _grid(lengths=[160, 300], samples=3, protocols=["question_aware", "query_agnostic"])
-    run_grid(grid, tmp_path / "one", model, tokenizer, progress=False)
-    run_grid(grid.model_copy(update={"batch_size": 4}), tmp_path / "four", model, tokenizer, progress=False)
+    grid_run(grid, tmp_path / "one", model, tokenizer, progress=False)
+    grid_run(grid.model_copy(update={"batch_size": 4}), tmp_path / "four", model, tokenizer, progress=False)
     one, four = ({r["cell"]: r for r in read_cells(tmp_path / name / "cells.jsonl")} for name in ("one", "four"))
     assert sorted(one) == sorted(four) and len(one) == 12
     assert {r["reference"]["timing"].get("prefill_batch") for r in four.values()} == {4, 2}  # 6 cells per protocol
@@ -213,9 +221,9 @@ def test_a_grid_run_in_batches_writes_the_records_of_a_run_one_by_one(toy, tmp_p
 
 def test_grid_refuses_to_mix_settings_and_names_bad_entries(toy, tmp_path):
     model, tokenizer = toy
-    run_grid(_grid(samples=1), tmp_path, model, tokenizer, progress=False)
+    grid_run(_grid(samples=1), tmp_path, model, tokenizer, progress=False)
     with pytest.raises(ConfigError, match="other settings"):
-        run_grid(_grid(samples=1, answer_prefix=False), tmp_path, model, tokenizer, progress=False)
+        grid_run(_grid(samples=1, answer_prefix=False), tmp_path, model, tokenizer, progress=False)
     with pytest.raises(ConfigError, match="valid settings"):
         parse_grid({"lenghts": [1]})
     with pytest.raises(ConfigError, match="invalid budget"):
@@ -225,25 +233,25 @@ def test_grid_refuses_to_mix_settings_and_names_bad_entries(toy, tmp_path):
     with pytest.raises(ConfigError, match="interim_factor applies to progressive prefills: set prompt_chunk too"):
         parse_grid({"interim_factor": 2})
     with pytest.raises(ConfigError, match="dapq"):  # the unknown method's error names the valid ones
-        run_grid(_grid(methods=["nope"]), tmp_path / "other", model, tokenizer, progress=False)
+        grid_run(_grid(methods=["nope"]), tmp_path / "other", model, tokenizer, progress=False)
 
 
 def test_a_run_recorded_before_a_setting_existed_resumes_when_the_setting_has_its_default(toy, tmp_path):
     model, tokenizer = toy
-    run_grid(_grid(samples=1), tmp_path, model, tokenizer, progress=False)
+    grid_run(_grid(samples=1), tmp_path, model, tokenizer, progress=False)
     stored = json.loads((tmp_path / "grid.json").read_text())
     del stored["identity"]["interim_factor"]  # as written by a version without the setting
     (tmp_path / "grid.json").write_text(json.dumps(stored))
-    run_grid(_grid(samples=2), tmp_path, model, tokenizer, progress=False)
+    grid_run(_grid(samples=2), tmp_path, model, tokenizer, progress=False)
     assert len(read_cells(tmp_path / "cells.jsonl")) == 2
     (tmp_path / "grid.json").write_text(json.dumps(stored))
     with pytest.raises(ConfigError, match="interim_factor"):
-        run_grid(_grid(samples=2, prompt_chunk=64, interim_factor=2), tmp_path, model, tokenizer, progress=False)
+        grid_run(_grid(samples=2, prompt_chunk=64, interim_factor=2), tmp_path, model, tokenizer, progress=False)
 
 
 def test_a_full_cache_only_grid_reports_the_full_cache_without_empty_tables(toy, tmp_path):
     model, tokenizer = toy
-    run_grid(_grid(methods=["full"]), tmp_path, model, tokenizer, progress=False)
+    grid_run(_grid(methods=["full"]), tmp_path, model, tokenizer, progress=False)
     text = (tmp_path / "summary.md").read_text()
     assert "Full cache: " in text and "the full cache's accuracy is the result" in text
     assert "| method |  |" not in text and "**Retention" not in text
@@ -259,7 +267,7 @@ def test_windows_axis_multiplies_methods():
 def test_summary_markdown_reports_ci_and_b95(toy, tmp_path, correct_at_25):
     model, tokenizer = toy
     grid = _grid(budgets=["25%", "100%"], samples=2)
-    run_grid(grid, tmp_path, model, tokenizer, progress=False)
+    grid_run(grid, tmp_path, model, tokenizer, progress=False)
     # The toy model answers nonsense: give the records known outcomes (the full cache right on both
     # samples, dapq at 100% too, dapq at 25% on ``correct_at_25`` of them) and summarise them again.
     cells = tmp_path / "cells.jsonl"
@@ -269,7 +277,7 @@ def test_summary_markdown_reports_ci_and_b95(toy, tmp_path, correct_at_25):
         for row in record["rows"]:
             row["correct"] = row["budget"] == "100%" or i < correct_at_25
     cells.write_text("".join(json.dumps(record) + "\n" for record in records))
-    summary = run_grid(grid, tmp_path, model, tokenizer, progress=False)
+    summary = grid_run(grid, tmp_path, model, tokenizer, progress=False)
     assert summary["timing"]["cells_run_now"] == 0
 
     rows = {(r["method"], r["budget"]): r for r in summary["table"]}
@@ -285,7 +293,7 @@ def test_summary_markdown_reports_ci_and_b95(toy, tmp_path, correct_at_25):
 
 def test_records_carry_the_resolved_configuration_and_provenance(toy, tmp_path):
     model, tokenizer = toy
-    run_grid(_grid(samples=1), tmp_path, model, tokenizer, progress=False)
+    grid_run(_grid(samples=1), tmp_path, model, tokenizer, progress=False)
     (record,) = read_cells(tmp_path / "cells.jsonl")
     (row,) = record["rows"]
     assert row["config"] == build("dapq", budget="50%").config
@@ -296,22 +304,22 @@ def test_records_carry_the_resolved_configuration_and_provenance(toy, tmp_path):
 def test_resuming_refuses_a_method_that_now_resolves_differently(toy, tmp_path):
     """A label whose method was redefined after its cells were written must not silently mix two methods."""
     model, tokenizer = toy
-    run_grid(_grid(samples=2), tmp_path, model, tokenizer, progress=False)
+    grid_run(_grid(samples=2), tmp_path, model, tokenizer, progress=False)
     lines = (tmp_path / "cells.jsonl").read_text().splitlines()
     first = json.loads(lines[0])
     first["rows"][0]["config"]["scorer"]["pooling"] = "max"  # as if dapq had pooled when this cell ran
     (tmp_path / "cells.jsonl").write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
     with pytest.raises(ConfigError, match="now resolves to"):
-        run_grid(_grid(samples=2), tmp_path, model, tokenizer, progress=False)
+        grid_run(_grid(samples=2), tmp_path, model, tokenizer, progress=False)
 
 
 def test_resuming_a_method_whose_configuration_holds_tuples_is_not_refused(toy, tmp_path):
     """KVzip's window options hold tuples of ids, which a record reads back as lists: the same configuration."""
     model, tokenizer = toy
     grid = _grid(methods=["full", "kvzip"], samples=1)
-    run_grid(grid, tmp_path, model, tokenizer, progress=False)
+    grid_run(grid, tmp_path, model, tokenizer, progress=False)
     wider = _grid(methods=["full", "kvzip", "snapkv"], samples=1)
-    summary = run_grid(wider, tmp_path, model, tokenizer, progress=False)
+    summary = grid_run(wider, tmp_path, model, tokenizer, progress=False)
     assert {r["method"] for r in summary["table"]} == {"full", "kvzip", "snapkv"}
 
 
@@ -321,8 +329,8 @@ def test_a_grid_of_progressive_prefills_records_each_method_or_why_it_cannot_str
     model, tokenizer = toy
     methods = ["full", "snapkv", "pyramidkv", "expected_attention",
                {"label": "kvzip_layers", "method": "kvzip", "allocator": "global_layers"}]
-    run_grid(_grid(methods=methods, samples=2), tmp_path / "one", model, tokenizer, progress=False)
-    run_grid(_grid(methods=methods, samples=2, prompt_chunk=4096), tmp_path / "whole", model, tokenizer,
+    grid_run(_grid(methods=methods, samples=2), tmp_path / "one", model, tokenizer, progress=False)
+    grid_run(_grid(methods=methods, samples=2, prompt_chunk=4096), tmp_path / "whole", model, tokenizer,
              progress=False)
     for once, whole in zip(*(read_cells(tmp_path / name / "cells.jsonl") for name in ("one", "whole")), strict=True):
         for a, b in zip(once["rows"], whole["rows"], strict=True):
@@ -330,8 +338,8 @@ def test_a_grid_of_progressive_prefills_records_each_method_or_why_it_cannot_str
                 assert (a["answer"], a["budget_tokens"], a["recall_layers"]) == (b["answer"], b["budget_tokens"],
                                                                                  b["recall_layers"])
                 assert a["kl"] == pytest.approx(b["kl"], abs=1e-6)
-    run_grid(_grid(methods=methods, samples=2, prompt_chunk=64), tmp_path / "small", model, tokenizer, progress=False)
-    run_grid(_grid(methods=methods, samples=2, prompt_chunk=64, batch_size=2), tmp_path / "batched", model, tokenizer,
+    grid_run(_grid(methods=methods, samples=2, prompt_chunk=64), tmp_path / "small", model, tokenizer, progress=False)
+    grid_run(_grid(methods=methods, samples=2, prompt_chunk=64, batch_size=2), tmp_path / "batched", model, tokenizer,
              progress=False)  # progressive prefills share no forward: a batch runs its samples one by one
     for alone, batched in zip(*(read_cells(tmp_path / n / "cells.jsonl") for n in ("small", "batched")), strict=True):
         assert [r["answer"] for r in alone["rows"] if r["error"] is None] == [
@@ -344,4 +352,4 @@ def test_a_grid_of_progressive_prefills_records_each_method_or_why_it_cannot_str
         assert rows["snapkv"]["error"] is None and rows["snapkv"]["budget_tokens"] == record["reference"][
             "prompt_tokens"] // 2
     with pytest.raises(ConfigError, match="prompt_chunk"):
-        run_grid(_grid(methods=methods, samples=2), tmp_path / "small", model, tokenizer, progress=False)
+        grid_run(_grid(methods=methods, samples=2), tmp_path / "small", model, tokenizer, progress=False)

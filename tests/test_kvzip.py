@@ -426,7 +426,8 @@ def test_one_compression_answers_every_question_like_separate_runs(toy):
 
 
 def test_followup_records_become_cells_of_their_own(toy):
-    from kvpress_like.eval.report import aggregate, merge_cells
+    from kvpress_like.eval.records import merge_cells
+    from kvpress_like.eval.summary import aggregate
 
     record = {"cell": "multi_key|300|query_agnostic|0", "task": "multi_key", "length": 300,
               "protocol": "query_agnostic", "question": 0, "reference": {"correct": True, "prefill_seconds": 2.0},

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvpress_like import build
-from kvpress_like.adapters import get_adapter
+from kvpress_like.plugins import get_adapter
 from kvpress_like.position_wise import LeanMLP, is_gated, lean_mlps
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")

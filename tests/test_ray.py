@@ -17,7 +17,10 @@ from kvpress_like.cli import main
 from kvpress_like.errors import ConfigError
 from kvpress_like.eval import distributed
 from kvpress_like.eval.distributed import ACTOR_PREFIX, DistributedError, RaySettings, ray_settings, run_grid_ray
-from kvpress_like.eval.runner import parse_grid, pending_units, read_cells, run_grid, run_unit
+from kvpress_like.eval.grid import parse_grid
+from kvpress_like.eval.records import read_cells
+from kvpress_like.eval.runner import pending_units, run_grid, run_unit
+from kvpress_like.eval.summary import write_run_summary
 from kvpress_like.eval.toy import byte_tokenizer, save_toy_model
 
 TIMING = {"seconds", "timing", "prefill_seconds", "compress_seconds"}
@@ -45,7 +48,7 @@ def toy_dir(tmp_path_factory):
 def local_run(grid, tmp_path):
     """``grid`` run locally into ``tmp_path / "local"``: the reference every Ray run must reproduce."""
     out = tmp_path / "local"
-    run_grid(grid, out, progress=False)
+    write_run_summary(grid, run_grid(grid, out, progress=False))
     return out
 
 
@@ -149,7 +152,7 @@ def test_eval_with_ray_loads_only_the_tokenizer_and_passes_the_options(toy_dir, 
 
     def local_instead(grid, out, settings, tokenizer, **kwargs):  # the runner itself is tested above
         calls.append((settings, tokenizer))
-        return run_grid(grid, out, progress=False)
+        return write_run_summary(grid, run_grid(grid, out, progress=False))
 
     calls: list = []
     monkeypatch.setattr(cli, "_load", no_model)

@@ -20,8 +20,9 @@ import pytest
 
 from kvpress_like import build
 from kvpress_like.eval.backfill import BACKFILLED, backfill, compare
+from kvpress_like.eval.grid import candidate, parse_grid
+from kvpress_like.eval.records import CELLS_FILE, GRID_FILE, read_cells
 from kvpress_like.eval.rerender import DOCUMENTS, document, render_folder
-from kvpress_like.eval.runner import CELLS_FILE, GRID_FILE, build_candidate, parse_grid, read_cells
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
 ABLATIONS = sorted(path.parent for path in RESULTS.rglob(CELLS_FILE) if (path.parent / GRID_FILE).is_file())
@@ -63,7 +64,7 @@ def test_every_row_carries_the_configuration_its_label_resolves_to_or_none_if_un
                 continue
             key = (row["label"], str(row["budget"]))
             if key not in resolved:
-                config = build_candidate(entries[row["label"]], key[1]).pipeline.config
+                config = candidate(entries[row["label"]], key[1]).pipeline.config
                 resolved[key] = json.loads(json.dumps(config))  # as a record holds it (tuples become lists)
             assert row["config"] == resolved[key], f"{key} now resolves to another configuration"
 

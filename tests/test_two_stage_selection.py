@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from transformers import DynamicCache
 
 from kvpress_like import build, prefill_many
-from kvpress_like.adapters import get_adapter
 from kvpress_like.compat import model_inputs
 from kvpress_like.parts import LayerContext
+from kvpress_like.plugins import get_adapter
 from kvpress_like.scorers.attention import AttentionConfig, attention_scores
 from kvpress_like.scorers.critical import CriticalScorer, projected_value_norm
 from kvpress_like.selection import CriticalConfig, CriticalSelector, TopKSelector

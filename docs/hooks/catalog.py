@@ -53,7 +53,7 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
 
 def render_catalog() -> str:
     from kvpress_like import list_parts
-    from kvpress_like.adapters import supported_model_types
+    from kvpress_like.plugins import supported_model_types
 
     catalog = list_parts()
     methods = catalog["method"]

@@ -35,18 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from kvpress_like.errors import ConfigError
-from kvpress_like.eval.runner import (
-    CELLS_FILE,
-    GRID_FILE,
-    GridConfig,
-    Unit,
-    build_candidate,
-    grid_samples,
-    parse_grid,
-    provenance,
-    read_cells,
-    run_unit,
-)
+from kvpress_like.eval.grid import GridConfig, candidate, grid_samples, parse_grid
+from kvpress_like.eval.records import CELLS_FILE, FULL, GRID_FILE, provenance, read_cells
+from kvpress_like.eval.runner import Unit, run_unit
 
 BACKFILLED = "backfilled from grid.json"
 COMPARED = ("answer", "correct", "budget_tokens")
@@ -107,8 +98,8 @@ def compare(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any
             if {k: asked["reference"].get(k) for k in ("answer", "correct")} != {
                 k: got["reference"].get(k) for k in ("answer", "correct")
             }:
-                differ.add("full")
-                examples.append({"cell": recorded["cell"], "label": "full", "recorded": asked["reference"]["answer"],
+                differ.add(FULL)
+                examples.append({"cell": recorded["cell"], "label": FULL, "recorded": asked["reference"]["answer"],
                                  "rerun": got["reference"]["answer"]})
             rows = {(row["label"], str(row["budget"])): row for row in got["rows"]}
             for row in asked["rows"]:
@@ -141,7 +132,7 @@ def backfill(grid: GridConfig, records: list[dict[str, Any]], check: dict[str, A
              first_committed: str | None = None) -> list[dict[str, Any]]:
     """``records`` with configuration and provenance filled in (records that already have provenance are kept)."""
     entries = {entry.name: entry for entry in grid.method_entries()}
-    trusted = set(check["reproduced"]) if "full" not in check["differ"] else set()
+    trusted = set(check["reproduced"]) if FULL not in check["differ"] else set()
     configs: dict[tuple[str, str], dict | None] = {}
 
     def config(row: dict[str, Any]) -> dict | None:
@@ -149,7 +140,9 @@ def backfill(grid: GridConfig, records: list[dict[str, Any]], check: dict[str, A
         if key not in configs:
             entry = entries.get(row["label"])
             try:
-                configs[key] = build_candidate(entry, key[1]).pipeline.config if row["label"] in trusted else None
+                found = candidate(entry, key[1]) if row["label"] in trusted else None
+                # a method that takes no budget recorded at one: the row recorded an error, no pipeline ran
+                configs[key] = found.pipeline.config if found is not None and found.budget == key[1] else None
             except ConfigError:  # a budget this method refuses: the row recorded an error, no pipeline ran
                 configs[key] = None
         return configs[key]

@@ -29,23 +29,11 @@ from typing import Any
 
 import torch
 
-from kvpress_like.cache import CompressedCache
-from kvpress_like.eval.haystack import haystack
+from kvpress_like.eval.fixtures import bench_prompt, plain_prefill
 from kvpress_like.eval.memory import PLAIN, measure_case
 from kvpress_like.eval.protocols import greedy
-from kvpress_like.prefill import forward, shallow_copy
-from kvpress_like.prompting import build_prompt
-
-
-def bench_prompt(tokenizer, length: int, seed: int = 0) -> torch.Tensor:
-    """A templated prompt of about ``length`` tokens of prose, cut to exactly ``length`` ids."""
-    context = "\n\n".join(haystack(tokenizer, length + 512, seed))
-    prompt = build_prompt(tokenizer, context, "Summarize the text above.")
-    ids, cut = prompt.input_ids, prompt.context_length
-    tail = ids.shape[1] - cut
-    if cut < length - tail:
-        raise ValueError(f"could only build a {ids.shape[1]}-token prompt for length {length}")
-    return torch.cat([ids[:, : length - tail], ids[:, cut:]], dim=1)
+from kvpress_like.eval.runner import progress_bar
+from kvpress_like.prefill import shallow_copy
 
 
 def _timed(fn) -> tuple[float, Any]:
@@ -56,13 +44,6 @@ def _timed(fn) -> tuple[float, Any]:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - started, value
-
-
-@torch.no_grad()
-def plain_prefill(model, ids: torch.Tensor):
-    cache = CompressedCache(model.config)
-    logits = forward(model, cache, ids.to(model.device), torch.arange(ids.shape[1], device=model.device))
-    return cache, logits
 
 
 def _decode_seconds(model, cache, logits, tokens: int) -> float | None:
@@ -110,7 +91,7 @@ def run_bench(
     """
     rows = []
     total = len(lengths) * (1 + len(methods))
-    bar = _bar(total, progress)
+    bar = progress_bar(total, "bench", progress)
     for length in lengths:
         ids = bench_prompt(tokenizer, length).to(model.device)
         plain_prefill(model, ids[:, :64])  # warm-up
@@ -175,12 +156,6 @@ def run_bench(
             "device": str(model.device), "dtype": str(next(model.parameters()).dtype),
         },
     }
-
-
-def _bar(total: int, enabled: bool):
-    from kvpress_like.eval.runner import _progress
-
-    return _progress(total, "bench", enabled)
 
 
 def bench_markdown(result: dict[str, Any], model_name: str, command: str | None = None) -> str:

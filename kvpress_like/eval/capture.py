@@ -2,7 +2,7 @@
 
 A forward hook (``with_kwargs=True``) on every attention module recomputes the queries of the rows of
 the current forward from the module's input, through the same adapter the compressor uses
-(:func:`kvpress_like.adapters.window_queries`): post-RoPE, and optionally pre-RoPE (the same projection
+(:func:`kvpress_like.plugins.window_queries`): post-RoPE, and optionally pre-RoPE (the same projection
 rotated by the identity, cos = 1 and sin = 0). With ``prefix`` set it also accumulates the causal
 softmax attention mass those queries put on the first ``prefix`` cache rows. Hooks are removed on exit,
 also when the forward raises.
@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvpress_like.adapters import get_adapter, window_queries
 from kvpress_like.compat import cache_from_hook_kwargs
 from kvpress_like.eval.metrics import attention_mass
+from kvpress_like.plugins import get_adapter, window_queries
 
 
 @dataclass

@@ -31,18 +31,19 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kvpress_like.errors import KVPressLikeError
+from kvpress_like.eval.grid import GridConfig, parse_settings
+from kvpress_like.eval.records import CellsFile
 from kvpress_like.eval.runner import (
-    CellsFile,
-    GridConfig,
+    Built,
     Unit,
-    _progress,
-    finish_run,
+    candidates,
     open_output,
-    parse_settings,
     pending_units,
+    progress_bar,
     run_units,
     unit_batches,
 )
+from kvpress_like.eval.summary import write_summary
 
 RAY_MISSING = 'distributed runs need Ray: pip install ".[ray]" (or pip install "kvpress_like[ray]")'
 ADDRESS = re.compile(r"^(ray://)?(?P<host>[A-Za-z0-9][A-Za-z0-9.\-]*|\[[0-9A-Fa-f:]+\]):(?P<port>\d{1,5})$")
@@ -124,12 +125,13 @@ class GridWorker:
 
         torch.set_num_threads(grid.threads or max(1, round(num_cpus)))
         self.grid = grid
+        self.built: Built = candidates(grid.planned_pairs())  # every pipeline once per actor
         self.model, self.tokenizer = load_model(grid.model, dtype=getattr(torch, grid.dtype))
         if num_gpus:
             self.model.to("cuda")  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU(s)
 
     def run(self, units: list[Unit]) -> list[dict[str, Any]]:
-        return run_units(self.model, self.tokenizer, self.grid, units)
+        return run_units(self.model, self.tokenizer, self.grid, units, self.built)
 
 
 def run_grid_ray(
@@ -154,13 +156,13 @@ def run_grid_ray(
     if todo:
         with _connected(ray, settings.address), CellsFile(out) as cells:
             pool = ActorPool(ray, grid, settings, _actor_count(ray, settings, len(todo)))
-            bar = _progress(len(todo), grid.name, progress)
+            bar = progress_bar(len(todo), grid.name, progress)
             try:
                 pool.run(unit_batches(todo, grid.batch_size), cells.append, bar)
             finally:
                 bar.close()
                 pool.close()
-    return finish_run(grid, out, started, len(todo), command)
+    return write_summary(grid, out, time.perf_counter() - started, len(todo), command)
 
 
 @contextmanager

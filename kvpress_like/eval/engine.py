@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,8 @@ from kvpress_like.eval.protocols import (
     signature,
     stack,
 )
+from kvpress_like.eval.records import FULL
+from kvpress_like.factory import build
 from kvpress_like.pipeline import Pipeline, eos_ids, left_padded
 from kvpress_like.prefill import PrefillResult, prefill_many, shallow_copy
 from kvpress_like.scorers.attention import window_attention
@@ -64,17 +66,50 @@ class SampleResult:
     followups: list[SampleResult] = field(default_factory=list)
 
 
-def reference_pipeline() -> Pipeline:
-    """The full-cache reference: the ``full`` method when registered, else a no-op 100% budget pipeline."""
-    from kvpress_like.factory import build
-    from kvpress_like.plugins import get_registry
+@dataclass
+class Context:
+    """One compressed context and what its questions are answered from: the full-cache reference's prefill, the
+    candidates that prefilled (with their results), every candidate, the errors of those that did not, and the
+    windows' recorded attention (for attention similarity)."""
 
-    if "full" in get_registry().methods:
-        try:
-            return build("full")
-        except ConfigError:  # a `full` method that wants a budget
-            return build("full", budget="100%")
-    return build("dapq", budget="100%", window="suffix")  # budget >= L: nothing scored, nothing evicted
+    reference: PrefillResult
+    prefilled: list[tuple[Candidate, PrefillResult]]
+    candidates: list[Candidate]
+    errors: dict[int, str | None]
+    windows: dict[str, dict[int, torch.Tensor]]
+
+
+@dataclass
+class Question:
+    """One question of a sample, as the model is asked it: its prompt (the compressed part first), the rows fed
+    after the compressed part, and the cap on the answer's tokens and its end tokens."""
+
+    sample: Any
+    prompt: Any
+    rest: torch.Tensor
+    max_new: int
+    eos: set[int]
+
+    @property
+    def compressed(self) -> int:
+        return self.prompt.compress_length
+
+    @property
+    def total(self) -> int:
+        return self.prompt.length
+
+
+@dataclass
+class ReferenceAnswer:
+    """The full-cache answer's tokens and the reference's next-token logits along it (``[n, V]``)."""
+
+    tokens: list[int]
+    logits: torch.Tensor
+
+
+def reference_pipeline() -> Pipeline:
+    """The full-cache reference: the built-in ``full`` method (it keeps every token and takes no budget)."""
+    return build(FULL)
 
 
 MAX_RECORDED_WINDOW = 256  # larger windows (H2O's whole prompt) would cost an L x L attention: not recorded
@@ -121,14 +156,6 @@ def preflight(model, pipeline: Pipeline, ids: torch.Tensor, span) -> str | None:
     except Exception as error:  # any part may refuse a prompt; the cell records why
         return f"{type(error).__name__}: {error}"
     return None
-
-
-def _kept_mask(layer_report, prompt_length: int) -> torch.Tensor:
-    if hasattr(layer_report, "kept_mask"):
-        return layer_report.kept_mask(prompt_length)
-    kept = layer_report.kept_indices
-    mask = torch.zeros(*kept.shape[:2], prompt_length, dtype=torch.bool)
-    return mask.scatter_(-1, kept.cpu(), True)
 
 
 @torch.no_grad()
@@ -219,9 +246,10 @@ def _evaluate_contexts(model, tokenizer, contexts, protocol, candidates, options
         started = time.perf_counter()
         pairs = [(c, r) for c, r in zip(runnable, results[1:], strict=True) if r is not None]
         own_windows = {key: layers for (key, row), layers in windows.items() if row == b}
+        context = Context(results[0], pairs, candidates, errors[b], own_windows)
         answers = [
-            _answer(model, tokenizer, question, prompt, results[0], pairs, candidates, errors[b], own_windows, options)
-            for question, prompt in zip(questions, group, strict=True)
+            _answer(model, tokenizer, _question(model, tokenizer, sample, prompt, options), context, options)
+            for sample, prompt in zip(questions, group, strict=True)
         ]
         for answer in answers:
             answer.reference["timing"] = {"prefill_all": round(prefill_share, 3), **answer.reference["timing"]}
@@ -256,53 +284,55 @@ def _prefill_batch(model, heads, candidates, spans, windows) -> list[list[Prefil
     return [[results[b] for results in split] for b in range(len(heads))]
 
 
-def _answer(model, tokenizer, sample, prompt, ref, pairs, candidates, errors, windows, options) -> SampleResult:
+def _question(model, tokenizer, sample, prompt, options) -> Question:
+    ids = prompt.input_ids.to(model.device)
+    return Question(sample, prompt, ids[:, prompt.compress_length:], options["max_new_tokens"] or sample.max_new_tokens,
+                    eos_ids(model, tokenizer))
+
+
+def _answer(model, tokenizer, question: Question, context: Context, options) -> SampleResult:
     """One question answered from (copies of) the compressed caches: the reference, then every candidate."""
     started = time.perf_counter()
-    ids = prompt.input_ids.to(model.device)
-    total, compressed = prompt.length, prompt.compress_length
-    rest = ids[:, compressed:]
-    max_new = options["max_new_tokens"] or sample.max_new_tokens
-    eos = eos_ids(model, tokenizer)
+    sample, ref, compressed, rest = question.sample, context.reference, question.compressed, question.rest
     attention_metrics = options["attention_metrics"]
 
     # The full-cache reference: rows after the compressed part, greedy answer, teacher-forced replay.
     capture = QueryCapture(model, prefix=compressed) if attention_metrics else None
     ref_cache = shallow_copy(ref.cache)
-    with capture or _null():
+    with capture or nullcontext():
         logits0 = logits_along(model, ref_cache, rest, compressed)[:, -1] if rest.shape[1] else ref.next_token_logits
         if capture:
             capture.enabled = False
-        (answer,) = greedy(model, shallow_copy(ref_cache), logits0, max_new, eos)
+        (answer,) = greedy(model, shallow_copy(ref_cache), logits0, question.max_new, question.eos)
         if capture:
             capture.enabled = True
-        replay = logits_along(model, shallow_copy(ref_cache), torch.tensor([answer], device=model.device), total)
-    ref_logits = torch.cat([logits0[:, None], replay[:, :-1]], dim=1)[0]  # [n, V]: predicts answer[i]
+        replay = logits_along(model, shallow_copy(ref_cache), torch.tensor([answer], device=model.device),
+                              question.total)
+    reference = ReferenceAnswer(answer, torch.cat([logits0[:, None], replay[:, :-1]], dim=1)[0])
     ref_text = tokenizer.decode(answer, skip_special_tokens=True)
     timing = {"reference": time.perf_counter() - started}
     out = SampleResult(
         reference={
             "answer": ref_text, "correct": sample.is_correct(ref_text), "score": sample.score(ref_text),
-            "answer_tokens": len(answer), "prompt_tokens": total, "compressed_tokens": compressed,
+            "answer_tokens": len(answer), "prompt_tokens": question.total, "compressed_tokens": compressed,
             "prefill_seconds": ref.report.prefill_seconds,
         }
     )
     true_mass = {layer: m[0] for layer, m in capture.mass.items()} if capture else {}
-    similarity = {key: _similarity(layers, true_mass) for key, layers in windows.items()}
+    similarity = {key: _similarity(layers, true_mass) for key, layers in context.windows.items()}
 
     # Candidates, grouped by cache shape so that each group runs batched.
     by_candidate: dict[int, dict[str, Any]] = {}
-    for group in _groups(pairs, options["batch"]):
-        _run_group(model, tokenizer, sample, group, rest, compressed, total, answer, ref_logits, max_new, eos,
-                   by_candidate)
+    for group in _groups(context.prefilled, options["batch"]):
+        by_candidate.update(_run_group(model, tokenizer, question, reference, group))
     timing["candidates"] = time.perf_counter() - started - timing["reference"]
     out.reference["timing"] = {k: round(v, 3) for k, v in timing.items()}
-    for candidate in candidates:
+    for candidate in context.candidates:
         row = {"label": candidate.label, "method": candidate.pipeline.method, "budget": candidate.budget}
         if id(candidate) in by_candidate:
-            result = next(r for c, r in pairs if c is candidate)
+            result = next(r for c, r in context.prefilled if c is candidate)
             row.update(by_candidate[id(candidate)])
-            row.update(_report_fields(result.report, compressed))
+            row.update(_report_fields(result.report))
             if attention_metrics:
                 row.update(_recall_fields(result.report, true_mass, compressed))
                 layers_sim = similarity.get(_window_key(candidate.pipeline), {})
@@ -312,18 +342,10 @@ def _answer(model, tokenizer, sample, prompt, ref, pairs, candidates, errors, wi
                 row["similarity"] = _mean(list(layers_sim.values())) if layers_sim else None
             row["error"] = None
         else:
-            row["error"] = errors.get(id(candidate)) or "prefill failed"
+            row["error"] = context.errors.get(id(candidate)) or "prefill failed"
         out.rows.append(row)
     out.seconds = time.perf_counter() - started
     return out
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _prefill(model, head, pipelines, span, windows, errors, runnable, prompt_chunk=None, interim_factor=1.0):
@@ -378,43 +400,46 @@ def _groups(pairs, batch: bool):
     return list(groups.values())
 
 
-def _run_group(model, tokenizer, sample, group, rest, compressed, total, answer, ref_logits, max_new, eos, out):
+def _run_group(model, tokenizer, question: Question, reference: ReferenceAnswer, group) -> dict[int, dict[str, Any]]:
+    """The rows of a group of candidates whose caches share one shape, run as one batch (keyed by candidate id)."""
     caches = [shallow_copy(result.cache) for _, result in group]
     cache = stack(model, caches) if len(group) > 1 else caches[0]
-    size = len(group)
+    size, rest, answer = len(group), question.rest, reference.tokens
     if rest.shape[1]:
-        first = logits_along(model, cache, rest.expand(size, -1), compressed)[:, -1]
+        first = logits_along(model, cache, rest.expand(size, -1), question.compressed)[:, -1]
     else:
         first = torch.cat([r.next_token_logits for _, r in group], dim=0)
     answer_ids = torch.tensor([answer], device=model.device)
     if len(answer) > 1:
-        replay = logits_along(model, shallow_copy(cache), answer_ids[:, :-1].expand(size, -1), total)
+        replay = logits_along(model, shallow_copy(cache), answer_ids[:, :-1].expand(size, -1), question.total)
         along = torch.cat([first[:, None], replay], dim=1)
     else:
         along = first[:, None]
-    kl = metrics.kl_divergence(ref_logits[None].expand_as(along), along)  # [size, n]
+    kl = metrics.kl_divergence(reference.logits[None].expand_as(along), along)  # [size, n]
     agrees = (along.argmax(-1) == answer_ids).all(-1)
     answers: list[list[int] | None] = [list(answer) if bool(a) else None for a in agrees]
     diverged = [i for i, a in enumerate(answers) if a is None]
     if diverged:
         decoded = greedy(model, select_rows(model, cache, diverged) if size > 1 else shallow_copy(cache),
-                         first[diverged], max_new, eos)
+                         first[diverged], question.max_new, question.eos)
         for i, tokens in zip(diverged, decoded, strict=True):
             answers[i] = tokens
+    out = {}
     for i, (candidate, _) in enumerate(group):
         text = tokenizer.decode(answers[i], skip_special_tokens=True)
         out[id(candidate)] = {
             "answer": text,
-            "correct": sample.is_correct(text),
-            "score": sample.score(text),
+            "correct": question.sample.is_correct(text),
+            "score": question.sample.score(text),
             "token_match": metrics.token_match_rate(answers[i], answer),
             "kl": float(kl[i].mean()),
             "kl_max": float(kl[i].max()),
             "batch_size": size,
         }
+    return out
 
 
-def _report_fields(report, compressed: int) -> dict[str, Any]:
+def _report_fields(report) -> dict[str, Any]:
     return {
         "budget_tokens": report.budget,
         "cache_bytes": report.cache_bytes_after,
@@ -427,7 +452,7 @@ def _recall_fields(report, true_mass: dict[int, torch.Tensor], compressed: int) 
     layers = []
     for layer in sorted(true_mass):
         if layer in report.layers:
-            mask = _kept_mask(report.layers[layer], compressed)[0]
+            mask = report.layers[layer].kept_mask(compressed)[0]
             layers.append(metrics.attention_recall(true_mass[layer], mask))
         else:
             layers.append(1.0)  # a layer left uncompressed keeps everything

@@ -52,15 +52,16 @@ def run_case(model_name: str, method: str, length: int, budget: str, chunk_size:
     """This process's measurement of one case (call it in a fresh process: see :func:`measure_case`)."""
     import torch
 
-    from kvpress_like.eval.bench import bench_prompt, plain_prefill
-    from kvpress_like.eval.runner import build_at_budget
+    from kvpress_like.eval.fixtures import bench_prompt, plain_prefill
+    from kvpress_like.eval.grid import MethodEntry, candidate
     from kvpress_like.models import load_model
 
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer = load_model(model_name)
     ids = bench_prompt(tokenizer, length).to(model.device)
-    pipeline = None if method == PLAIN else build_at_budget(method, budget)  # `full`: our prefill, nothing dropped
+    # `full` (it takes no budget): our prefill, nothing dropped
+    pipeline = None if method == PLAIN else candidate(MethodEntry(method=method), budget).pipeline
 
     def prefill():
         if pipeline is None:

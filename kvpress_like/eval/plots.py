@@ -15,12 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from kvpress_like.eval.runner import FULL, budget_key
+from kvpress_like.eval.records import ALL, FULL, NO_BUDGET, budget_key
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-ALL = "all"
 # Text drawn as paths (no font needed to view it) and element ids from a fixed salt: same record, same SVG.
 SVG_STYLE = {"svg.fonttype": "path", "svg.hashsalt": "kvpress_like"}
 BENCH_RATIOS = {
@@ -187,7 +186,7 @@ def depth_length_heatmaps(cells: dict[str, dict[str, Any]]) -> Figure | None:
     acc: dict[tuple, list[bool]] = defaultdict(list)
     for cell in cells.values():
         depth, length = cell.get("depth"), cell["length"]
-        acc[(FULL, "100%", depth, length)].append(bool(cell["reference"]["correct"]))
+        acc[(FULL, NO_BUDGET, depth, length)].append(bool(cell["reference"]["correct"]))
         for (label, budget), row in cell["rows"].items():
             if row.get("error") is None:
                 acc[(label, budget, depth, length)].append(bool(row["correct"]))
@@ -204,7 +203,7 @@ def depth_length_heatmaps(cells: dict[str, dict[str, Any]]) -> Figure | None:
     for i, method in enumerate(methods):
         for j, budget in enumerate(columns):
             ax = axes[i][j]
-            key_method, key_budget = (FULL, "100%") if budget == "full" else (method, budget)
+            key_method, key_budget = (FULL, NO_BUDGET) if budget == "full" else (method, budget)
             grid = [[_share(acc.get((key_method, key_budget, d, n))) for n in lengths] for d in depths]
             image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
             ax.set_xticks(range(len(lengths)), [str(n) for n in lengths] if i == len(methods) - 1 else [], fontsize=6)

@@ -147,7 +147,7 @@ def probe_sample(model, tokenizer, settings: ProbeSettings, index: int) -> dict[
 
 
 def _in_prompt_mass(model, capture: QueryCapture, keys: dict, local: dict, rows, length: int) -> dict:
-    from kvpress_like.adapters import get_adapter
+    from kvpress_like.plugins import get_adapter
 
     modules = get_adapter(model).attention_modules()
     rows = list(rows)

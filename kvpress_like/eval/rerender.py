@@ -16,8 +16,9 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from kvpress_like.eval.report import aggregate, markdown, merge_cells
-from kvpress_like.eval.runner import CELLS_FILE, GRID_FILE, parse_grid, read_cells
+from kvpress_like.eval.grid import parse_grid
+from kvpress_like.eval.records import CELLS_FILE, GRID_FILE, merge_cells, read_cells
+from kvpress_like.eval.summary import aggregate, markdown
 
 PROBE_FILE = "probe.json"
 # records of the benchmark commands -> their document (probe, ``kvpress-like bench``, the two bench scripts)
@@ -36,7 +37,7 @@ def document(folder: Path) -> Path:
 
 def render_folder(folder: Path, anchor: str | None = None) -> str:
     """The document that ``folder``'s records render to (``anchor``: the method of the paired tables, in every
-    block; see :func:`kvpress_like.eval.report.markdown`)."""
+    block; see :func:`kvpress_like.eval.summary.markdown`)."""
     from kvpress_like.eval.bench import batch_markdown, bench_markdown, long_prompt_markdown
     from kvpress_like.eval.probe import probe_markdown
 

@@ -6,7 +6,7 @@ import torch
 from kvpress_like_example_adapter.adapter import Olmo2Adapter
 
 from kvpress_like import ModelAdapter, build
-from kvpress_like.adapters import get_adapter
+from kvpress_like.plugins import get_adapter
 from kvpress_like.testing import attention_mismatch, make_model
 
 

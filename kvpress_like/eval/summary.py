@@ -13,38 +13,18 @@ import json
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvpress_like.eval import metrics
-from kvpress_like.eval.runner import FULL, budget_key
+from kvpress_like.eval.records import ALL, CELLS_FILE, FULL, NO_BUDGET, budget_key, merge_cells, read_cells
 
-ALL = "all"
+if TYPE_CHECKING:
+    from kvpress_like.eval.runner import Run
+
 TABLE_FIELDS = (
     "task", "protocol", "length", "method", "budget", "n", "correct", "accuracy", "ci_low", "ci_high",
     "full_accuracy", "retention", "score", "token_match", "kl", "recall", "similarity", "cost", "errors",
 )
-
-
-def merge_cells(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """One entry per cell: its first reference, and per (label, budget) the last row written.
-
-    A record's follow-up questions become cells of their own, ``<cell>|q<number>``, with a ``question``.
-    """
-    cells: dict[str, dict[str, Any]] = {}
-    for record in _questions(records):
-        cell = cells.setdefault(record["cell"], {**{k: v for k, v in record.items() if k != "rows"}, "rows": {}})
-        for row in record["rows"]:
-            cell["rows"][(row["label"], str(row["budget"]))] = row
-    return cells
-
-
-def _questions(records: list[dict[str, Any]]):
-    """Each record, then one record per follow-up question (same context, same compressed caches)."""
-    for record in records:
-        base = {k: v for k, v in record.items() if k != "followups"}
-        yield base
-        for followup in record.get("followups", []):
-            yield {**base, **followup, "cell": f"{record['cell']}|q{followup['question']}"}
 
 
 def _tasks(cell: dict[str, Any]) -> list[str]:
@@ -66,7 +46,7 @@ def aggregate(
         scopes = [cell["length"]] + ([ALL] if len(lengths) > 1 else [])
         for task, length in itertools.product(_tasks(cell), scopes):
             base = (task, cell["protocol"], length)
-            groups[(*base, FULL, "100%")].append((cell["reference"], None))
+            groups[(*base, FULL, NO_BUDGET)].append((cell["reference"], None))
             for (label, budget), row in cell["rows"].items():
                 groups[(*base, label, budget)].append((cell["reference"], row))
     table = [_table_row(key, items) for key, items in groups.items()]
@@ -188,8 +168,11 @@ def _b95_rows(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------------
 
 
-def write_summary(grid, records: list[dict[str, Any]], out: Path, run_seconds: float = 0.0,
-                  cells_run: int = 0, command: str | None = None) -> dict[str, Any]:
+def write_summary(grid, out: Path, run_seconds: float = 0.0, cells_run: int = 0,
+                  command: str | None = None) -> dict[str, Any]:
+    """Write ``summary.json``, ``summary.csv``, ``summary.md`` and the plots from every record in ``out``;
+    returns the summary. ``run_seconds`` and ``cells_run``: what the run that just ended did."""
+    records = read_cells(out / CELLS_FILE)
     table, b95 = aggregate(records, [entry.name for entry in grid.method_entries()], list(grid.protocols))
     cells = merge_cells(records)
     timing = {
@@ -216,6 +199,11 @@ def write_summary(grid, records: list[dict[str, Any]], out: Path, run_seconds: f
     except ImportError:  # matplotlib is in the eval extra
         summary["plots"] = []
     return summary
+
+
+def write_run_summary(grid, run: Run, command: str | None = None) -> dict[str, Any]:
+    """:func:`write_summary` after :func:`kvpress_like.eval.runner.run_grid` returned ``run``."""
+    return write_summary(grid, run.out, run.seconds, run.cells_run, command)
 
 
 def _json_default(value):
