@@ -16,7 +16,7 @@ from pathlib import Path
 
 from kvpress_like.eval.metrics import wilson_interval
 from kvpress_like.eval.rerender import command_line
-from kvpress_like.eval.runner import CELLS_FILE, GRID_FILE, read_cells
+from kvpress_like.eval.records import CELLS_FILE, GRID_FILE, read_cells
 
 DOCUMENT = "calibration.md"
 KEEP_AT = 0.5
