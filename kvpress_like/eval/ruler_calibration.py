@@ -15,8 +15,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from kvpress_like.eval.metrics import wilson_interval
-from kvpress_like.eval.rerender import command_line
 from kvpress_like.eval.records import CELLS_FILE, GRID_FILE, read_cells
+from kvpress_like.eval.rerender import command_line
 
 DOCUMENT = "calibration.md"
 KEEP_AT = 0.5
