@@ -128,13 +128,14 @@ class HeadAdaptiveAllocator(Allocator):
         return (safeguard + counts_of_top(pool, heads * (layer_budget - safeguard))).cpu()
 
 
-class GlobalAllocator(HeadAdaptiveAllocator):
-    """KVzip's non-uniform budgets (Kim et al. 2025, arXiv 2505.23416): one top-k over all KV heads of a layer.
+class AcrossHeadsAllocator(HeadAdaptiveAllocator):
+    """KVzip's non-uniform budgets (Kim et al. 2025, arXiv 2505.23416): one top-k over all KV heads of a layer
+    (registered as ``global``: global across the layer's heads, not across layers).
 
     The layer keeps ``heads × B`` tokens: every head its protected ones, the rest the best (head, token)
     scores of the whole layer, with no per-head floor (Ada-KV's allocator with α = 0). Layers keep equal
     shares, so each layer is pruned inside the forward as soon as it is scored; KVzip's ranking across
-    *layers* is :class:`ModelGlobalAllocator`, which holds the full cache until every layer is scored.
+    *layers* is :class:`AcrossLayersAllocator`, which holds the full cache until every layer is scored.
     """
 
     name = "global"
@@ -145,8 +146,9 @@ class GlobalAllocator(HeadAdaptiveAllocator):
         return 0.0
 
 
-class ModelGlobalAllocator(UniformAllocator):
-    """KVzip's default budgets (Kim et al. 2025, arXiv 2505.23416): one top-k over every KV head of every layer.
+class AcrossLayersAllocator(UniformAllocator):
+    """KVzip's default budgets (Kim et al. 2025, arXiv 2505.23416): one top-k over every KV head of every layer
+    (registered as ``global_layers``).
 
     The model keeps ``Σ layers × heads × B`` tokens: every head its protected ones, the rest the best
     (layer, head, token) scores of the whole model, with no per-head or per-layer floor (kvpress's
@@ -252,6 +254,7 @@ class BudgetCurveAllocator(Allocator):
 @hookimpl
 def register_allocators():
     return [
-        UniformAllocator, FullAllocator, PyramidAllocator, HeadAdaptiveAllocator, GlobalAllocator, ModelGlobalAllocator,
+        UniformAllocator, FullAllocator, PyramidAllocator, HeadAdaptiveAllocator, AcrossHeadsAllocator,
+        AcrossLayersAllocator,
         LayerRatiosAllocator, BudgetCurveAllocator,
     ]

@@ -2,8 +2,9 @@
 
 Feng et al. 2024, "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation for Efficient LLM
 Inference" (arXiv 2407.11550): a layer's budget is shared by its KV heads through a global top-k, each
-head keeping a safeguard share α = 0.2. The cache really holds each head's own number of entries (no
-padding, no masking); decoding uses the ``kvpress_like_ragged`` attention.
+head keeping a safeguard share α = 0.2. The cache stores each head's own number of entries (ragged layers:
+no padding in storage); decoding reads them through the ``kvpress_like`` attention, which pads the heads to one
+length and masks the padding.
 """
 
 from __future__ import annotations

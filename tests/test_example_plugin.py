@@ -108,7 +108,7 @@ def test_installed_adapter_adds_olmo2_to_every_method_and_the_compatibility_matr
         import kvpress_like_example_adapter
         from kvpress_like import UnsupportedModelError, build
         from kvpress_like.plugins import get_adapter
-        from kvpress_like.compatibility import compatibility_matrix, render_markdown
+        from kvpress_like.matrix import compatibility_matrix, render_markdown
         from kvpress_like.plugins import get_registry
         from kvpress_like.testing import ARCHITECTURES, attention_mismatch, make_gpt2, make_model
 

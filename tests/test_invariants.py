@@ -1,5 +1,6 @@
-"""The invariants of DESIGN.md, each one a hypothesis property over random prompts, budgets, window
-builders, GQA shapes and architectures (tiny random models, CPU)."""
+"""The compression invariants (kept counts, kept indices, eviction equivalence, hooks restored, ...), each one a
+hypothesis property over random prompts, budgets, window builders, GQA shapes and architectures (tiny random
+models, CPU)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvpress_like import build
-from kvpress_like.allocators import GlobalAllocator, HeadAdaptiveAllocator, HeadAdaptiveConfig, ModelGlobalAllocator
+from kvpress_like.allocators import (
+    AcrossHeadsAllocator,
+    AcrossLayersAllocator,
+    HeadAdaptiveAllocator,
+    HeadAdaptiveConfig,
+)
 from kvpress_like.errors import ConfigError, UnsupportedInputError
 from kvpress_like.eval.engine import Candidate, evaluate_sample, reference_pipeline
 from kvpress_like.eval.protocols import prepare
@@ -215,7 +220,7 @@ def test_global_allocator_is_one_top_k_over_the_layer(heads, length, budget, sin
     generator = torch.Generator().manual_seed(seed)
     scores = torch.rand(2, heads, length, generator=generator)
     protected = torch.arange(length) < sinks
-    counts = GlobalAllocator().head_budgets(scores, budget, protected)
+    counts = AcrossHeadsAllocator().head_budgets(scores, budget, protected)
     assert counts.sum(-1).tolist() == [heads * budget] * 2
     assert bool((counts >= sinks).all()) and bool((counts <= length).all())
     for b in range(2):  # each head's count = its entries among the layer's best heads × budget
@@ -271,7 +276,7 @@ def test_model_wide_allocator_is_one_top_k_over_every_layer(layers, heads, lengt
     scores = {i: torch.rand(1, heads, length, generator=generator) for i in range(layers)}
     protected = {i: torch.arange(length) < sinks for i in range(layers)}
     budgets = dict.fromkeys(range(layers), budget)
-    counts = ModelGlobalAllocator().model_head_budgets(scores, budgets, protected)
+    counts = AcrossLayersAllocator().model_head_budgets(scores, budgets, protected)
     assert {i: c[0].tolist() for i, c in counts.items()} == naive_model_counts(scores, budgets, protected)
     assert all(bool((c >= sinks).all()) for c in counts.values())
 
@@ -280,13 +285,13 @@ def test_a_model_wide_prefill_scores_like_the_per_layer_one_and_keeps_the_top_of
     model = tiny_model("llama", num_hidden_layers=3)
     ids = torch.randint(0, 256, (1, 70), generator=torch.Generator().manual_seed(6))
     seen = {}
-    original = ModelGlobalAllocator.model_head_budgets
+    original = AcrossLayersAllocator.model_head_budgets
 
     def spy(self, scores, budgets, protected):
         seen.update(scores=scores, budgets=budgets, protected=protected)
         return original(self, scores, budgets, protected)
 
-    monkeypatch.setattr(ModelGlobalAllocator, "model_head_budgets", spy)
+    monkeypatch.setattr(AcrossLayersAllocator, "model_head_budgets", spy)
     result = build("kvzip", budget=20, allocator="global_layers").prefill(model, ids)
     per_layer = build("kvzip", budget=20).prefill(model, ids)  # the same scorer, pruning layer by layer
     expected = naive_model_counts(seen["scores"], seen["budgets"], seen["protected"])
@@ -300,7 +305,7 @@ def test_a_model_wide_prefill_scores_like_the_per_layer_one_and_keeps_the_top_of
             want = set(scores[h].topk(count).indices.tolist()) if count else set()
             assert set(report.kept_mask(70)[0, h].nonzero().flatten().tolist()) == want
         # same scores as the per-layer allocation: its heads' counts come from the same ranking within the layer
-        same = GlobalAllocator().head_budgets(seen["scores"][layer], 20, seen["protected"][layer])
+        same = AcrossHeadsAllocator().head_budgets(seen["scores"][layer], 20, seen["protected"][layer])
         assert torch.equal(per_layer.report.layers[layer].kept_counts, same)
     entry_bytes = 2 * model.config.head_dim * 4
     assert result.report.cache_bytes_after == 3 * 20 * heads * entry_bytes

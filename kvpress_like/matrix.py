@@ -1,4 +1,4 @@
-"""The compatibility matrix: which method runs on which architecture and attention backend.
+"""The compatibility matrix (``docs/compatibility.md``): which method runs on which architecture and attention backend.
 
 Each cell compresses a prompt of a tiny random model of a registered architecture (:mod:`kvpress_like.testing`:
 every adapter with a ``tiny_config``, plugins' included), feeds a multi-token
@@ -6,7 +6,7 @@ continuation and checks the logits are finite; for backends other than SDPA it a
 tokens with SDPA's. Scores that tie up to float rounding (e.g. key norms of QK-normed keys, which are
 all equal) may be broken differently by two backends: such cells report how many kept tokens differ,
 and more than ``MAX_TIE_SHARE`` of them is a bug. A cell is ``ok`` or names the kvpress_like error that
-refuses the combination; any other exception propagates. ``python -m kvpress_like.compatibility``
+refuses the combination; any other exception propagates. ``python -m kvpress_like.matrix``
 prints the table.
 """
 
