@@ -106,9 +106,8 @@ class DecodeCompressor:
         lengths = prefill_report.sequence_lengths or [prefill_report.prompt_length] * batch
         self.seen: dict[int, list[int]] = {i: list(lengths) for i in self.modules}  # tokens seen, per sequence
         self.tails: dict[int, torch.Tensor] = {i: torch.zeros(batch, 0, dtype=torch.long) for i in self.modules}
-        self._positions: tuple[object, torch.Tensor] | None = None  # the last forward's position ids, on the host
+        self._positions: tuple[object, torch.Tensor, list[int]] | None = None  # last forward's ids, on the host
         self.windows: dict[int, _Window] = {}
-        self.pending: dict[int, torch.Tensor] = {}  # pseudo queries waiting for their layer's event
         self.prompt_head = prompt_ids[:, : config.prefix].cpu()
         self.recent_ids = prompt_ids[:, -self._pseudo_tail :].cpu()
         self.report = DecodingReport(config.model_dump(exclude_none=True))
@@ -137,14 +136,15 @@ class DecodeCompressor:
             )
         if position_ids is None:
             first = cache.get_seq_length(layer_idx)
-            positions = torch.arange(first, first + rows).expand(self.tails[layer_idx].shape[0], rows)
+            positions = torch.arange(first, first + rows).expand(batch, rows)
+            last = positions[:, -1].tolist()
         elif self._positions is not None and self._positions[0] is position_ids:  # every layer of one forward
-            positions = self._positions[1]
-        else:
-            positions = position_ids[:, -rows:].cpu().expand(self.tails[layer_idx].shape[0], rows)
-            self._positions = (position_ids, positions)
+            _, positions, last = self._positions
+        else:  # once per forward: the host copy and its last column serve every layer
+            positions = position_ids[:, -rows:].cpu().expand(batch, rows)
+            last = positions[:, -1].tolist()
+            self._positions = (position_ids, positions, last)
         self.tails[layer_idx] = torch.cat([self.tails[layer_idx], positions], dim=1)
-        last = positions[:, -1].tolist()
         self.seen[layer_idx] = [max(s, p + 1) for s, p in zip(self.seen[layer_idx], last, strict=True)]
 
     def note_ids(self, ids: torch.Tensor) -> None:
@@ -384,7 +384,6 @@ def _store(cache, layer_idx: int, keys: list[list[torch.Tensor]], values: list[l
     if isinstance(cache.layers[layer_idx], RaggedLayer):
         cache.layers[layer_idx] = DynamicLayer()
     cache.replace_layer(layer_idx, dense_keys, dense_values, seen=logical)
-    cache.layers[layer_idx].dtype = dense_keys.dtype
 
 
 def _as_lists(kept) -> list[list[torch.Tensor]]:

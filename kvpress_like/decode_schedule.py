@@ -22,6 +22,7 @@ methods without queries, ``recent`` for the others, with the prefill window's si
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -68,7 +69,7 @@ class DecodingConfig(BaseModel):
         """Rows a sequence that has seen ``seen`` tokens keeps at an event."""
         if self.target is not None:
             return self.target
-        return max(1, -(-round(self.ratio * seen * 1e6) // 1_000_000))  # ceil, robust to float error
+        return max(1, math.ceil(self.ratio * seen - 1e-9))  # the tolerance: 0.25 × 400 is 100, not 101
 
 
 def parse_decoding(decoding: Any) -> DecodingConfig | None:

@@ -12,7 +12,7 @@ from kvpress_like.decode_schedule import DecodingConfig
 from kvpress_like.decoding import decode_batch, parse_generation_options
 from kvpress_like.errors import ConfigError, UnsupportedInputError
 from kvpress_like.parts import Allocator, Scorer, Selector, WindowBuilder
-from kvpress_like.prefill import PrefillResult, compressed_prefill, feed
+from kvpress_like.prefill import PrefillResult, compressed_prefill, feed, is_padded
 from kvpress_like.progressive import progressive_prefill
 from kvpress_like.prompting import build_prompt
 
@@ -89,8 +89,8 @@ class Pipeline:
         else:
             result = compressed_prefill(model, input_ids, self, attention_mask, question_span, chunk_size)
         if self.decoding is not None:
-            padded = attention_mask is not None and not bool(attention_mask.bool().all())
-            compressor = DecodeCompressor(model, self, self.decoding, result.report, input_ids, padded)
+            compressor = DecodeCompressor(model, self, self.decoding, result.report, input_ids,
+                                          is_padded(attention_mask))
             result.cache.decoding, result.cache.own_masks = compressor, True
             result.report.decoding = compressor.report
         self.last_report = result.report

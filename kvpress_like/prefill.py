@@ -72,7 +72,7 @@ def compressed_prefill(
     adapter = get_adapter(model)
     input_ids = input_ids.to(model.device)
     cache = CompressedCache(model.config)
-    padded = _is_padded(attention_mask)
+    padded = is_padded(attention_mask)
     if padded:
         job, ids, positions, forward_mask = _padded_forward_inputs(
             pipeline, model, adapter, input_ids, attention_mask.to(model.device).bool(), question_span, cache
@@ -130,7 +130,7 @@ def prefill_many(
     check_inputs(input_ids, attention_mask)
     adapter = get_adapter(model)
     input_ids = input_ids.to(model.device)
-    mask = attention_mask.to(model.device).bool() if _is_padded(attention_mask) else None
+    mask = attention_mask.to(model.device).bool() if is_padded(attention_mask) else None
     shared = CompressedCache(model.config)
     shared.token_mask = mask
     memos: dict[tuple, dict] = {}
@@ -257,7 +257,8 @@ def _forward_rows(plan: WindowPlan) -> slice | torch.Tensor:
     return plan.window_rows if plan.row_run is None else slice(*plan.row_run)
 
 
-def _is_padded(attention_mask: torch.Tensor | None) -> bool:
+def is_padded(attention_mask: torch.Tensor | None) -> bool:
+    """Whether ``attention_mask`` marks any left padding."""
     return attention_mask is not None and not bool(attention_mask.bool().all())
 
 
