@@ -1,4 +1,4 @@
-"""The ``kvpress-like`` command line: ``list``, ``demo``, ``eval``, ``ablate``, ``bench``, ``probe``.
+"""The ``kvpress-like`` command line: ``list``, ``demo``, ``eval``, ``ablate``, ``bench``, ``probe``, ``train-scorer``.
 
 On a busy CPU, set ``OMP_WAIT_POLICY=PASSIVE`` in the environment (it must be set before torch starts):
 OpenMP threads that spin while another process holds the cores made every forward up to 10× slower here.
@@ -120,6 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--window-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     pr.add_argument("--budgets", nargs="+", default=["5%", "10%", "20%"])
     pr.add_argument("--out", default="results/probe")
+
+    tr = commands.add_parser("train-scorer", help="fit a learned scorer (KVzap) for a model from a teacher's scores")
+    tr.add_argument("model", help="embedded model name or a local transformers folder")
+    tr.add_argument("--teacher", required=True, help="registered method whose scores are learned (kvzip, dapq, …)")
+    tr.add_argument("--teacher-options", type=json.loads, default={},
+                    help='JSON part overrides of the teacher, e.g. \'{"allocator": "global_layers"}\'')
+    tr.add_argument("--kind", choices=["linear", "mlp"], default="linear")
+    tr.add_argument("--out", required=True, help="artifact folder (a stopped collection in it resumes)")
+    from kvpress_like.train_scorer import TrainingSettings
+
+    for name, info in TrainingSettings.model_fields.items():
+        if name != "kind":
+            tr.add_argument(f"--{name.replace('_', '-')}", type=type(info.default), default=info.default,
+                            help=f"{info.description or name} (default {info.default})")
+    tr.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    tr.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -143,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         return _bench(args, command)
     elif args.command == "probe":
         return _probe(args, command)
+    elif args.command == "train-scorer":
+        return _train_scorer(args)
     return 0
 
 
@@ -262,6 +281,32 @@ def _probe(args, command: str) -> int:
     result = run_probe(model, tokenizer, settings, progress=not args.no_progress)
     write_probe(result, args.out, args.model, command)
     print(probe_markdown(result, args.model, command))
+    return 0
+
+
+
+def _train_scorer(args) -> int:
+    from kvpress_like.train_scorer import TrainingSettings, teacher_pipeline, train_scorer
+
+    settings = TrainingSettings(**{name: getattr(args, name) for name in TrainingSettings.model_fields})
+    model, tokenizer = _load(args)
+    teacher = teacher_pipeline(args.teacher, tokenizer, args.teacher_options)
+
+    def progress(items):
+        if args.no_progress:
+            return items
+        from tqdm.auto import tqdm
+
+        return tqdm(items, total=settings.docs, desc=f"collecting {args.teacher} scores", unit="doc")
+
+    surrogate = train_scorer(model, tokenizer, teacher, args.out, settings, args.model, progress=progress)
+    metrics = surrogate.meta["metrics"].values()
+    r2 = sorted(m["r2"] for m in metrics)
+    rho = sorted(m["spearman"] for m in metrics)
+    print(f"wrote {args.out}: {len(surrogate.layers)} layers, held-out R² {r2[0]:.3f}–{r2[-1]:.3f} "
+          f"(median {r2[len(r2) // 2]:.3f}), within-document Spearman {rho[0]:.3f}–{rho[-1]:.3f} "
+          f"(median {rho[len(rho) // 2]:.3f}); collect {surrogate.meta['seconds']['collect']} s, "
+          f"fit {surrogate.meta['seconds']['fit']} s")
     return 0
 
 

@@ -229,7 +229,12 @@ class LayerCompressor:
     def scored_layers(self) -> list[int]:
         """Layers that :meth:`select` scores: those whose budget is below the prompt's length (the others keep
         every row)."""
-        return [i for i, budget in self.budgets.items() if _evicts(budget, self.plan.prompt_length)]
+        return [i for i, budget in self.budgets.items() if self._scores_layer(budget)]
+
+    def _scores_layer(self, budget: int) -> bool:
+        """Whether a layer with ``budget`` is scored: it drops prompt rows, or a selector that decides the counts
+        (``threshold``) may drop some."""
+        return _evicts(budget, self.plan.prompt_length) or self.selector.decides_counts
 
     def _prompt_hidden_states(self, layer_idx: int, kwargs, start: int) -> torch.Tensor | None:
         """Attention inputs of the prompt rows ``[0, L)``; ``None`` after a chunk the scorer did not ask to keep."""
@@ -250,7 +255,7 @@ class LayerCompressor:
         allocator: the scores wait for :meth:`finish`."""
         length, budget = self.plan.prompt_length, self.budgets[layer_idx]
         keys, values = all_keys[:, :, :length], all_values[:, :, :length]
-        if not _evicts(budget, length):  # every prompt row stays, in order
+        if not self._scores_layer(budget):  # every prompt row stays, in order
             chosen = keep_all(keys, values, length)
             return chosen.kept, chosen.keys, chosen.values
         scores = self._scores(module, layer_idx, all_keys, all_values, kwargs, start)

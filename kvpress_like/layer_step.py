@@ -46,10 +46,15 @@ def select_rows(
     selector: Selector,
 ) -> LayerSelection:
     """The rows a layer keeps under ``budget`` per KV head: ``keys``/``values`` ``[batch, kv_heads, L, dim]`` are
-    the candidate rows ``scores`` ``[batch, kv_heads, L]`` rate. The protected mask is computed once and serves
-    the allocator and the selector alike."""
+    the candidate rows ``scores`` ``[batch, kv_heads, L]`` rate. The allocator splits the budget over the heads,
+    unless the selector decides the counts itself (``threshold``: at most ``budget``). The protected mask is
+    computed once and serves the allocator and the selector alike."""
     protected = selector.checked_protected_mask(scores.shape[-1], budget, scores.device)
-    return select_counts(scores, allocator.head_budgets(scores, budget, protected), budget, keys, values, selector)
+    if selector.decides_counts:
+        counts = selector.head_counts(scores, protected, budget)
+    else:
+        counts = allocator.head_budgets(scores, budget, protected)
+    return select_counts(scores, counts, budget, keys, values, selector)
 
 
 def select_counts(

@@ -218,6 +218,13 @@ class Selector(Part):
     """
 
     kind = "selector"
+    decides_counts: ClassVar[bool] = False  # True: head_counts says how many tokens each head keeps (threshold)
+
+    def head_counts(self, scores: torch.Tensor, protected: torch.Tensor, layer_budget: int) -> torch.Tensor:
+        """Tokens per (sequence, KV head) ``[batch, kv_heads]`` that a selector which :attr:`decides_counts` keeps,
+        at most ``layer_budget``; such a selector replaces the allocator's head budgets (and every layer is scored,
+        also when its budget holds the whole prompt)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps the allocator's counts (decides_counts is False)")
 
     def protected_mask(self, prompt_length: int, budget: int, device: torch.device) -> torch.Tensor:
         """``[L]`` bool: tokens always kept within ``budget``; none by default."""

@@ -32,6 +32,9 @@ class Pipeline:
     ):
         self.method, self.budget = method, budget
         self.window, self.scorer, self.allocator, self.selector = window, scorer, allocator, selector
+        if selector.decides_counts and allocator.model_wide:
+            raise ConfigError(f"the {selector.name!r} selector decides each head's count itself; the {allocator.name!r} "
+                              "allocator shares budgets across layers: choose a per-layer allocator (full, uniform)")
         self.decoding = None if decoding is None else _checked_decoding(decoding.resolved(window), scorer, selector)
         self.last_report = None
 
@@ -143,6 +146,9 @@ class Pipeline:
 
 def _checked_decoding(decoding: DecodingConfig, scorer: Scorer, selector: Selector) -> DecodingConfig:
     """Refuse a decode schedule the method's parts cannot run."""
+    if selector.decides_counts:
+        raise ConfigError(f"the {selector.name!r} selector is not built for decode-time events yet: build this "
+                          "method without decoding, or use a top-k selector with a target or ratio")
     if scorer.reads_hidden_states:
         raise ConfigError(f"the {scorer.name!r} scorer reads the prompt's hidden states, which a decode-time event "
                           "does not have: build this method without decoding, or choose another scorer")

@@ -58,6 +58,8 @@ BUILTIN_PLUGINS = (
     "kvpress_like.methods.observed_attention",
     "kvpress_like.methods.non_causal_attention",
     "kvpress_like.methods.cap",
+    "kvpress_like.scorers.learned",
+    "kvpress_like.methods.kvzap",
 )
 
 _REGISTRATION_HOOKS = {

@@ -85,6 +85,16 @@ class CompressionReport:
         return {idx: layer.budget for idx, layer in self.layers.items()}
 
     @property
+    def kept_fraction(self) -> float:
+        """Share of the prompt's tokens kept, averaged over the compressed layers' (sequence, KV head) pairs (each
+        sequence of a padded batch against its own length): the output of a threshold selector."""
+        if not self.layers:
+            return 1.0
+        lengths = torch.tensor(self.sequence_lengths or [self.prompt_length], dtype=torch.float64)
+        shares = [(layer.kept_counts.double() / lengths[:, None]).mean() for layer in self.layers.values()]
+        return float(torch.stack(shares).mean())
+
+    @property
     def compression_ratio(self) -> float:
         """Fraction of the prompt's cache bytes that were freed."""
         if not self.cache_bytes_before:

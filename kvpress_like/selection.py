@@ -162,6 +162,35 @@ class SegmentSelector(TopKSelector):
         return torch.cat(kept, dim=-1).sort(dim=-1).values
 
 
+class ThresholdConfig(PartConfig):
+    threshold: float = Field(..., description="tokens scoring below this (in the scorer's units) are evicted")
+    sinks: int = Field(4, ge=0, description="first prompt tokens always kept (attention sinks)")
+    recent: int = Field(128, ge=0, description="last prompt tokens always kept (the protected recent window)")
+
+
+class ThresholdSelector(TopKSelector):
+    """DMS-style eviction by a score threshold (Łańcucki et al. 2025, arXiv 2506.05345; KVzap's ``DMSPress``):
+    a token is evicted when its score is below ``threshold`` and it is neither a sink nor in the recent window.
+
+    Each KV head keeps as many tokens as pass, so the kept share is an output of the scores, not an input: it is
+    in the report's kept indices (:attr:`~kvpress_like.report.CompressionReport.kept_fraction`). The layer budget
+    caps it (a method built with the ``full`` allocator has no cap); under a cap a head keeps its best tokens.
+    """
+
+    name = "threshold"
+    summary = "evict tokens scoring below a threshold outside the sinks and a recent window (DMS, KVzap)"
+    Config = ThresholdConfig
+    decides_counts = True
+
+    def protected_mask(self, prompt_length: int, budget: int, device: torch.device) -> torch.Tensor:
+        positions = torch.arange(prompt_length, device=device)
+        return (positions < self.config.sinks) | (positions >= prompt_length - self.config.recent)
+
+    def head_counts(self, scores: torch.Tensor, protected: torch.Tensor, layer_budget: int) -> torch.Tensor:
+        passing = protected | (scores.real >= self.config.threshold)
+        return passing.sum(dim=-1).clamp(max=layer_budget).cpu()
+
+
 @hookimpl
 def register_selectors():
-    return [TopKSelector, ChunkSelector, CriticalSelector, SegmentSelector]
+    return [TopKSelector, ChunkSelector, CriticalSelector, SegmentSelector, ThresholdSelector]
