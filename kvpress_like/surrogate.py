@@ -130,11 +130,13 @@ def save_surrogate(surrogate: Surrogate, folder: str | Path) -> Path:
 def load_surrogate(path: str | Path) -> Surrogate:
     """An artifact folder (or a shipped artifact's name, see :func:`shipped_artifacts`), checksum checked."""
     folder = _artifact_folder(path)
-    return _load(str(folder.resolve()), (folder / WEIGHTS_FILE).stat().st_mtime_ns)
+    stamps = tuple((folder / name).stat().st_mtime_ns for name in (WEIGHTS_FILE, META_FILE))
+    return _load(str(folder.resolve()), stamps)
 
 
 @lru_cache(maxsize=8)
-def _load(folder: str, _mtime: int) -> Surrogate:
+def _load(folder: str, _stamps: tuple[int, int]) -> Surrogate:
+    """One artifact, read once while neither of its files changes."""
     from safetensors.torch import load_file
 
     meta = json.loads((Path(folder) / META_FILE).read_text())
