@@ -18,7 +18,7 @@ from kvpress_like.errors import KVPressLikeError
 from kvpress_like.factory import build, needs_budget
 from kvpress_like.plugins import get_registry
 from kvpress_like.prefill import feed
-from kvpress_like.testing import architectures, make_model
+from kvpress_like.testing import architectures, make_model, with_fitted_surrogate
 
 BACKENDS = ("sdpa", "eager")
 PROMPT_LENGTH = 128
@@ -28,6 +28,7 @@ MAX_TIE_SHARE = 0.1
 def run_cell(method: str, model, input_ids: torch.Tensor) -> tuple[str, dict[int, torch.Tensor] | None]:
     """``("ok", kept masks per layer)``, or ``("refused: <error>", None)``, for one method on one model."""
     pipeline = build(method, budget=0.4) if needs_budget(method) else build(method)
+    pipeline = with_fitted_surrogate(pipeline, model)  # learned methods: a surrogate fitted on this tiny model
     generator = torch.Generator().manual_seed(1)
     continuation = torch.randint(0, model.config.vocab_size, (input_ids.shape[0], 3), generator=generator)
     try:

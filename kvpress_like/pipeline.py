@@ -33,7 +33,8 @@ class Pipeline:
         self.method, self.budget = method, budget
         self.window, self.scorer, self.allocator, self.selector = window, scorer, allocator, selector
         if selector.decides_counts and allocator.model_wide:
-            raise ConfigError(f"the {selector.name!r} selector decides each head's count itself; the {allocator.name!r} "
+            raise ConfigError(f"the {selector.name!r} selector decides each head's count itself; the "
+                              f"{allocator.name!r} "
                               "allocator shares budgets across layers: choose a per-layer allocator (full, uniform)")
         self.decoding = None if decoding is None else _checked_decoding(decoding.resolved(window), scorer, selector)
         self.last_report = None

@@ -120,7 +120,8 @@ def save_surrogate(surrogate: Surrogate, folder: str | Path) -> Path:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {f"layers.{i}.{name}": t.contiguous() for i, layer in surrogate.layers.items() for name, t in layer.items()}
+    tensors = {f"layers.{i}.{name}": tensor.contiguous()
+               for i, layer in surrogate.layers.items() for name, tensor in layer.items()}
     save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": FORMAT})
     meta = {**surrogate.meta, "format": FORMAT, "kind": surrogate.kind, "sha256": file_sha256(folder / WEIGHTS_FILE)}
     (folder / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")

@@ -89,3 +89,33 @@ def attention_mismatch(arch: str, adapter: type[ModelAdapter] | None = None, len
         probs = (queries @ keys.transpose(-1, -2) * module.scaling + causal).softmax(dim=-1)
         worst = max(worst, float((probs - attentions[module.layer_idx]).abs().max()))
     return worst
+
+
+_FITTED: dict[tuple[int, str], Any] = {}  # (id of a model, teacher family) -> a folder that lives with the process
+
+
+def with_fitted_surrogate(pipeline, model):
+    """``pipeline``, its learned scorer (if it names a shipped artifact, ``shipped:<teacher>``) replaced by one fitted
+    on ``model`` from its teacher's scores on a few random prompts: learned methods on tiny random models, which
+    no shipped artifact fits. Any other pipeline is returned as it is."""
+    import tempfile
+
+    from kvpress_like.scorers.learned import SHIPPED, LearnedConfig, LearnedScorer
+    from kvpress_like.train_scorer import Prompt, TrainingSettings, teacher_pipeline, train_scorer
+
+    scorer = pipeline.scorer
+    if not isinstance(scorer, LearnedScorer) or not scorer.config.artifact.startswith(SHIPPED):
+        return pipeline
+    family = scorer.config.artifact.removeprefix(SHIPPED)
+    key = (id(model), family)
+    if key not in _FITTED:
+        folder = tempfile.TemporaryDirectory(prefix=f"kvpress-like-{family}-")
+        generator = torch.Generator().manual_seed(0)
+        vocab = model.config.vocab_size
+        prompts = [Prompt(i, torch.randint(0, vocab, (1, 48), generator=generator), 0, 48) for i in range(6)]
+        settings = TrainingSettings(docs=6, held_out=2, tokens_per_doc=32)
+        train_scorer(model, None, teacher_pipeline(family, None), folder.name, settings, "a tiny random model",
+                     prompts=prompts, data={"documents": "6 random prompts of 48 ids"})
+        _FITTED[key] = folder
+    pipeline.scorer = LearnedScorer(LearnedConfig(artifact=_FITTED[key].name))
+    return pipeline

@@ -94,7 +94,8 @@ class ScoreRecorder(Scorer):
 def teacher_pipeline(name: str, tokenizer, overrides: dict[str, Any] | None = None):
     """The teacher ``name`` (any registered method with a scorer), with a budget that makes every layer score.
 
-    KVzip's ``reconstruct`` window gets the tokenizer's repeat instruction (:func:`kvzip_window`) unless given.
+    KVzip's ``reconstruct`` window gets the tokenizer's repeat instruction (:func:`kvzip_window`) unless given
+    (without a tokenizer, the prompt is repeated with no instruction).
     """
     from kvpress_like.factory import build, needs_budget
     from kvpress_like.methods.kvzip import kvzip_window
@@ -102,7 +103,7 @@ def teacher_pipeline(name: str, tokenizer, overrides: dict[str, Any] | None = No
 
     overrides = dict(overrides or {})
     spec = get_registry().method(name)
-    if spec.window.name == "reconstruct" and "instruction_ids" not in spec.window.options:
+    if tokenizer is not None and spec.window.name == "reconstruct" and "instruction_ids" not in spec.window.options:
         window = overrides.get("window", {})
         if isinstance(window, dict) and "instruction_ids" not in window:
             overrides["window"] = {**kvzip_window(tokenizer), **window}

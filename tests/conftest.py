@@ -154,3 +154,14 @@ def word_tokenizer():
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.decoder = decoders.WordPiece()
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def any_model_methods() -> list[str]:
+    """Registered methods that run on any model as built: all but those whose learned scorer needs the shipped
+    artifact of a real model (the compatibility matrix runs those on every tiny architecture with a surrogate
+    fitted there, ``kvpress_like.testing.with_fitted_surrogate``; tests/test_learned_scorer.py checks them)."""
+    from kvpress_like.plugins import get_registry
+
+    registry = get_registry()
+    return sorted(name for name, spec in registry.methods.items()
+                  if not str(spec.scorer.options.get("artifact", "")).startswith("shipped:"))

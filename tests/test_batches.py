@@ -18,7 +18,7 @@ import functools
 
 import pytest
 import torch
-from conftest import random_ids, tiny_model
+from conftest import any_model_methods, random_ids, tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,13 +27,12 @@ from kvpress_like.compat import cache_kwarg
 from kvpress_like.decoding import GenerationOptions, decode_batch
 from kvpress_like.errors import ConfigError, UnsupportedInputError
 from kvpress_like.pipeline import left_padded
-from kvpress_like.plugins import get_registry
 from kvpress_like.prefill import feed, prefill_many
 from kvpress_like.unbatch import split_batch
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
-METHODS = sorted(get_registry().methods)
+METHODS = any_model_methods()
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 GREEDY = GenerationOptions()
 

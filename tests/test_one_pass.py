@@ -17,17 +17,16 @@ import functools
 
 import pytest
 import torch
-from conftest import random_ids, tiny_model
+from conftest import any_model_methods, random_ids, tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvpress_like import build, prefill_many
 from kvpress_like.errors import ConfigError
-from kvpress_like.plugins import get_registry
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
-METHODS = sorted(get_registry().methods)
+METHODS = any_model_methods()
 ARCHS = ["llama", "qwen3", "gemma3", "phi3"]
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -17,7 +17,7 @@ import functools
 
 import pytest
 import torch
-from conftest import random_ids, tiny_model
+from conftest import any_model_methods, random_ids, tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,12 +26,11 @@ from kvpress_like.compat import cache_kwarg
 from kvpress_like.decoding import GenerationOptions, decode_batch
 from kvpress_like.errors import ConfigError, UnsupportedInputError
 from kvpress_like.parts import Scorer, WindowBuilder, WindowPlan
-from kvpress_like.plugins import get_registry
 from kvpress_like.prefill import forward
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
-STREAMING = sorted(get_registry().methods)
+STREAMING = any_model_methods()
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 

@@ -32,7 +32,8 @@ class PlantedScorer(Scorer):
     def __init__(self, hidden: int, heads: int):
         super().__init__()
         generator = torch.Generator().manual_seed(7)
-        self.weight, self.bias = torch.randn(hidden, heads, generator=generator), torch.randn(heads, generator=generator)
+        self.weight = torch.randn(hidden, heads, generator=generator)
+        self.bias = torch.randn(heads, generator=generator)
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         return (ctx.hidden_states.float() @ self.weight + self.bias).transpose(1, 2)
@@ -168,7 +169,7 @@ def test_a_threshold_prefill_keeps_what_passes_and_reports_the_share_it_reached(
         assert torch.equal(layer.kept_counts, passing.sum(dim=-1))
         for h in range(2):
             assert torch.equal(layer.kept_indices[0][h], torch.nonzero(passing[0, h]).flatten())
-    expected = sum(float(l.kept_counts.double().mean()) for l in report.layers.values()) / len(report.layers) / 40
+    expected = sum(float(layer.kept_counts.double().mean()) for layer in report.layers.values()) / len(report.layers) / 40
     assert report.kept_fraction == pytest.approx(expected) and report.kept_fraction < 1.0
 
 
