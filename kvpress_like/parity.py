@@ -78,9 +78,13 @@ PRESSES: tuple[PressParity, ...] = (
                 "masking with fake keys; any method takes allocator='head_adaptive'"),
     PressParity("KVzipPress", Call("kvzip"), "see the KVzip side-by-side (scripts/kvpress_reference.py)"),
     PressParity("FastKVzipPress", None, "a trained per-layer gate with Hub weights", Call("kvzip")),
-    PressParity("KVzapPress", None, "a trained surrogate (Hub weights nvidia/KVzap-*)", Call("kvzip")),
-    PressParity("DMSPress", None, "needs a threshold selector (the kept count an output, not a budget)",
-                Call("streaming_llm")),
+    PressParity("KVzapPress", Call("kvzap"),
+                "surrogates trained here (linear or MLP, `kvpress-like train-scorer`) on offline text against KVzip's "
+                "score, not KVzip+; shipped for the embedded models, none downloaded (kvpress: nvidia/KVzap-* Hub "
+                "weights); ranked across heads and layers"),
+    PressParity("DMSPress", Call("kvzap_dms", budget=None),
+                "threshold eviction outside 4 sinks and a 128-token recent window; any scorer takes "
+                "selector='threshold' with allocator='full'; prefill only (kvpress also evicts while decoding)"),
     PressParity("QFilterPress", None, "filters come from an offline SVD of the model's queries (Hub weights); no "
                 "local artifact builder yet", Call("keydiff")),
     PressParity("LagKVPress", Call("lagkv"), "same scores (ranks per partition of 128, sinks and tail scored 1)"),

@@ -283,7 +283,7 @@ def train_scorer(
     its method's name is the artifact's teacher family (what ``artifact="shipped:<family>"`` looks for).
     ``prompts`` replaces the offline corpus (then ``data`` describes them), e.g. for a tiny model in tests.
     """
-    from kvpress_like.eval.records import provenance
+    from kvpress_like.provenance import provenance
 
     settings.check()
     out = Path(out)

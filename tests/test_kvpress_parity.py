@@ -14,6 +14,7 @@ from conftest import random_ids, tiny_model
 from kvpress_like import build
 from kvpress_like.parity import PRESSES, Call, render_markdown, render_page
 from kvpress_like.plugins import get_registry
+from kvpress_like.testing import with_fitted_surrogate
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "kvpress-parity.md"
 CALLS = [(entry.press, call) for entry in PRESSES for call in (entry.call, entry.alternative) if call is not None]
@@ -37,8 +38,9 @@ def _runnable(call: Call, tmp_path: Path) -> tuple[Call, dict]:
 def test_every_call_on_the_page_builds_and_compresses(press, call, tmp_path):
     call, prefill = _runnable(call, tmp_path)
     kwargs = {} if call.budget is None else {"budget": call.budget}
-    pipeline = build(call.method, decoding=call.decoding, **kwargs, **call.overrides)
-    result = pipeline.prefill(tiny_model("llama"), random_ids(LENGTH, seed=1), **prefill)
+    model = tiny_model("llama")
+    pipeline = with_fitted_surrogate(build(call.method, decoding=call.decoding, **kwargs, **call.overrides), model)
+    result = pipeline.prefill(model, random_ids(LENGTH, seed=1), **prefill)
     kept = [int(layer.kept_counts.sum()) for layer in result.report.layers.values()]
     assert kept and all(0 < k <= LENGTH * 2 for k in kept), press  # 2 KV heads of the tiny Llama
 

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import NEEDS_SMOLLM2, random_ids, tiny_model
+from conftest import (
+    NEEDS_SMOLLM2,
+    attention_inputs,
+    fitted_on,
+    naive_prediction,
+    random_ids,
+    random_surrogate,
+    tiny_model,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,44 +24,11 @@ from kvpress_like.errors import ConfigError
 from kvpress_like.plugins import get_adapter
 from kvpress_like.surrogate import (
     WEIGHTS_FILE,
-    Surrogate,
     load_surrogate,
     module_fingerprint,
     save_surrogate,
     shipped_artifacts,
 )
-
-
-def random_surrogate(kind: str, layers: list[int], hidden: int, heads: int, seed: int = 0, width: int = 5):
-    generator = torch.Generator().manual_seed(seed)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=generator)
-
-    if kind == "linear":
-        weights = {i: {"weight": rand(hidden, heads), "bias": rand(heads)} for i in layers}
-    else:
-        weights = {i: {"w1": rand(hidden, width), "b1": rand(width), "w2": rand(width, heads), "b2": rand(heads)}
-                   for i in layers}
-    return Surrogate(kind, weights)
-
-
-def naive_prediction(surrogate: Surrogate, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-    """One token and one head at a time, from the formulas in the Surrogate docstring."""
-    weights = surrogate.layers[layer]
-    batch, rows, _ = hidden.shape
-    heads = (weights["weight"] if surrogate.kind == "linear" else weights["w2"]).shape[1]
-    out = torch.zeros(batch, heads, rows)
-    for b in range(batch):
-        for t in range(rows):
-            h = hidden[b, t].double()
-            for k in range(heads):
-                if surrogate.kind == "linear":
-                    out[b, k, t] = float(h @ weights["weight"][:, k].double() + weights["bias"][k])
-                else:
-                    inner = torch.nn.functional.gelu(h @ weights["w1"].double() + weights["b1"].double())
-                    out[b, k, t] = float(inner @ weights["w2"][:, k].double() + weights["b2"][k])
-    return out
 
 
 @settings(max_examples=25, deadline=None)
@@ -64,30 +39,6 @@ def test_predictions_match_a_token_by_token_reference(kind, batch, rows, hidden,
     states = torch.randn(batch, rows, hidden, generator=torch.Generator().manual_seed(seed + 1))
     torch.testing.assert_close(surrogate.predict(0, states), naive_prediction(surrogate, 0, states),
                                rtol=1e-4, atol=1e-4)
-
-
-def fitted_on(model, kind: str = "linear", seed: int = 0) -> Surrogate:
-    layers = get_adapter(model).compressible_layers()
-    modules = get_adapter(model).attention_modules()
-    surrogate = random_surrogate(kind, layers, model.config.hidden_size, model.config.num_key_value_heads, seed)
-    surrogate.meta = {"model": {"name": "tiny", "layers": {str(i): module_fingerprint(modules[i]) for i in layers}}}
-    return surrogate
-
-
-def attention_inputs(model, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
-    """Each layer's attention input in a plain forward, captured by hooks that are removed afterwards."""
-    captured, handles = {}, []
-    for i, module in enumerate(get_adapter(model).attention_modules()):
-        def keep(module, args, kwargs, i=i):
-            captured[i] = kwargs["hidden_states"].detach().clone()
-        handles.append(module.register_forward_pre_hook(keep, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            model(input_ids)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])

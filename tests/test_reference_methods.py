@@ -19,14 +19,17 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import fitted_on, naive_prediction
 from transformers import DynamicCache
 
 from kvpress_like import build
 from kvpress_like.compat import cache_kwarg, model_inputs
 from kvpress_like.plugins import get_registry
+from kvpress_like.surrogate import save_surrogate
 from kvpress_like.testing import make_model
 
 ARCHS = ["llama", "qwen3"]
@@ -43,11 +46,12 @@ MAX_NEAR_TIES = 3  # per (sequence, head): more would make the comparison too lo
 # Every built-in method has a reference test below (see test_every_registered_method_is_covered).
 METHODS = [
     "ada_dapq", "ada_snapkv", "cap", "critical_dapq", "critical_snapkv", "cur", "dapq", "dapq_chunk", "dapq_plus",
-    "dapq_reaimed",
-    "dapq_pyramid", "expected_attention", "full", "h2o", "keydiff", "knorm", "kvzip", "kvzip_dapq", "lagkv",
-    "non_causal_attention", "observed_attention", "pyramidkv", "random", "snapkv", "snapkv_chunk", "streaming_llm",
-    "tova",
+    "dapq_distilled", "dapq_reaimed",
+    "dapq_pyramid", "expected_attention", "full", "h2o", "keydiff", "knorm", "kvzap", "kvzap_dms", "kvzip",
+    "kvzip_dapq", "lagkv", "non_causal_attention", "observed_attention", "pyramidkv", "random", "snapkv",
+    "snapkv_chunk", "streaming_llm", "tova",
 ]
+LEARNED = {"dapq_distilled", "kvzap", "kvzap_dms"}  # their shipped surrogates fit the embedded models only
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1042,12 +1046,17 @@ def test_dapq_pyramid_with_a_layer_budget_of_zero():
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("method", METHODS)
-def test_budget_covering_the_prompt_generates_like_no_compression(method, arch):
+def test_budget_covering_the_prompt_generates_like_no_compression(method, arch, tmp_path):
+    """kvzap_dms takes no budget: a threshold below every score is its way of covering the prompt."""
     length, new_tokens = 72, 6
     model = model_for(arch, "sdpa")
     ids = prompt_ids(length, seed=3)
     expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
-    pipeline = build(method) if method == "full" else build(method, budget=length + 3)
+    overrides = {"scorer": surrogate_artifact(arch, "linear", tmp_path)} if method in LEARNED else {}
+    if method in ("full", "kvzap_dms"):
+        pipeline = build(method, **overrides, **({"selector": {"threshold": -1e30}} if method == "kvzap_dms" else {}))
+    else:
+        pipeline = build(method, budget=length + 3, **overrides)
     result = pipeline.prefill(model, ids)
     for layer in result.report.layers.values():
         assert layer.kept_counts.eq(length).all()
@@ -1101,3 +1110,71 @@ def test_reaimed_window_is_neither_snapkv_nor_dapq():
     snap = topk_reference(group_mean(received_attention(ref, 1, range(96, 128)), kv_heads("llama")), 40)[0]
     dapq = topk_reference(dapq_scores("llama", reference_forward("llama", 128, pseudo=True), 1), 40)[0]
     assert not torch.equal(reaimed, snap) and not torch.equal(reaimed, dapq)
+
+
+# ---------------------------------------------------------------------------------------------
+# kvzap, kvzap_dms, dapq_distilled: a surrogate's predictions from each layer's attention input
+# ---------------------------------------------------------------------------------------------
+
+
+def surrogate_artifact(arch: str, kind: str, folder: Path) -> dict:
+    """A random surrogate fitted to the tiny model's fingerprints, saved to ``folder``: the scorer override."""
+    save_surrogate(fitted_on(model_for(arch), kind, seed=3), folder)
+    return {"artifact": str(folder)}
+
+
+def learned_scores(arch: str, ref: Reference, folder: Path) -> dict[int, torch.Tensor]:
+    """The saved surrogate applied token by token to each layer's attention input (its input norm of the
+    decoder layer's input), ``[B, kv_heads, L]`` per layer."""
+    from kvpress_like.surrogate import load_surrogate
+
+    model, surrogate = model_for(arch), load_surrogate(folder)
+    with torch.no_grad():
+        inputs = {i: model.model.layers[i].input_layernorm(ref.hidden[i]) for i in range(n_layers(arch))}
+    return {i: naive_prediction(surrogate, i, hidden).double() for i, hidden in inputs.items()}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_kvzap_matches_reference(arch, kind, tmp_path):
+    """One top-(layers × heads × B) over every (layer, head, token) of the predictions, the 4 sinks first."""
+    length, budget = 96, 24
+    scorer = surrogate_artifact(arch, kind, tmp_path)
+    scores = learned_scores(arch, reference_forward(arch, length, pseudo=False), tmp_path)
+    layers = sorted(scores)
+    stacked = torch.cat([scores[i] for i in layers], dim=1)  # the layers' heads side by side
+    expected, near = global_reference(stacked, budget, set(range(4)))
+    report = run("kvzap", arch, length, budget, scorer=scorer).report
+    kept = torch.cat([report.layers[i].kept_mask(length).cpu() for i in layers], dim=1)
+    assert_masks_match(kept, expected, near, what="all layers")
+    per_layer = expected.sum(-1).view(BATCH, len(layers), -1).sum(-1)
+    assert len(set(per_layer.flatten().tolist())) > 1, "the layers should get different budgets on these models"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("threshold", [-1.0, 0.5])
+def test_kvzap_dms_matches_reference(arch, threshold, tmp_path):
+    """Kept: the 4 sinks, the last 16 tokens and every token predicted at or above the threshold."""
+    length, recent = 96, 16
+    scorer = surrogate_artifact(arch, "mlp", tmp_path)
+    scores = learned_scores(arch, reference_forward(arch, length, pseudo=False), tmp_path)
+    report = run("kvzap_dms", arch, length, None, scorer=scorer,
+                 selector={"threshold": threshold, "recent": recent}).report
+    positions = torch.arange(length)
+    protected = (positions < 4) | (positions >= length - recent)
+    for layer, layer_scores in scores.items():
+        expected = protected | (layer_scores >= threshold)
+        near = ((layer_scores - threshold).abs() <= tol_of(layer_scores)) & ~protected
+        assert_masks_match(report.layers[layer].kept_mask(length).cpu(), expected, near, what=f"layer {layer}")
+        share = float(expected.float().mean())
+        assert float(protected.float().mean()) < share < 1, "the threshold should evict some tokens and keep others"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dapq_distilled_matches_reference(arch, tmp_path):
+    """DapQ's budgets (uniform, nothing protected) over the predictions."""
+    length, budget = 96, 30
+    scorer = surrogate_artifact(arch, "linear", tmp_path)
+    scores = learned_scores(arch, reference_forward(arch, length, pseudo=False), tmp_path)
+    report = run("dapq_distilled", arch, length, budget, scorer=scorer).report
+    check_topk_method(report, scores, dict.fromkeys(scores, budget), length)

@@ -36,8 +36,9 @@ from typing import Any
 
 from kvpress_like.errors import ConfigError
 from kvpress_like.eval.grid import GridConfig, candidate, grid_samples, parse_grid
-from kvpress_like.eval.records import CELLS_FILE, FULL, GRID_FILE, provenance, read_cells
+from kvpress_like.eval.records import CELLS_FILE, FULL, GRID_FILE, read_cells
 from kvpress_like.eval.runner import Unit, run_unit
+from kvpress_like.provenance import provenance
 
 BACKFILLED = "backfilled from grid.json"
 COMPARED = ("answer", "correct", "budget_tokens")

@@ -7,9 +7,7 @@ grid the folder's records were run with.
 
 from __future__ import annotations
 
-import functools
 import json
-import subprocess
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -109,19 +107,3 @@ class CellsFile:
 
     def __exit__(self, *exc) -> None:
         self._handle.close()
-
-
-@functools.cache
-def provenance() -> dict[str, str | None]:
-    """The package version and, in a git checkout, the commit the code was run from (``+dirty`` if modified)."""
-    from kvpress_like import __version__  # the package's __init__ imports the whole core: only when asked
-
-    root = Path(__file__).resolve().parents[2]
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return {"version": __version__, "commit": None}
-    return {"version": __version__, "commit": commit + ("+dirty" if dirty else "")}

@@ -19,8 +19,9 @@ import torch
 from kvpress_like.errors import ConfigError
 from kvpress_like.eval.engine import Candidate, evaluate_batch
 from kvpress_like.eval.grid import GridConfig, MethodEntry, candidate, grid_samples
-from kvpress_like.eval.records import CELLS_FILE, GRID_FILE, CellsFile, cell_key, done_pairs, provenance, read_cells
+from kvpress_like.eval.records import CELLS_FILE, GRID_FILE, CellsFile, cell_key, done_pairs, read_cells
 from kvpress_like.eval.tasks import Sample
+from kvpress_like.provenance import provenance
 
 Built = dict[tuple[str, str], Candidate]  # (label, budget) -> its candidate, built once per run
 
